@@ -1,0 +1,36 @@
+"""attention_loss forward + backward (the unit of work of SPEC §5) per usable backend.
+
+On the CPU the SPEC shapes run at batch 2 so that the suite takes seconds; on a GPU at
+their full batch. Run: ``make bench`` (or ``pytest benchmarks``).
+"""
+
+import pytest
+import torch
+
+import fastcam
+from fastcam.workloads import SPEC_SHAPES, make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [n for n, b in fastcam.backends().items() if b.usable and DEVICE in b.device_types]
+SHAPES = SPEC_SHAPES if DEVICE == "cuda" else [s.scaled(2) for s in SPEC_SHAPES]
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_loss_fwd_bwd(benchmark, backend, shape):
+    features, weight, bias, labels, mask = make_inputs(shape, device=DEVICE)
+
+    def step():
+        out = fastcam.attention_loss(features, weight, bias, labels, mask, backend=backend)
+        out.loss.backward()
+        _sync()
+        return out.loss
+
+    benchmark.group = shape.name
+    loss = benchmark(step)
+    assert torch.isfinite(loss)

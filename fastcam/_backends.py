@@ -1,0 +1,96 @@
+"""Which backends exist, which are usable here, and which one a call runs on."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+
+import torch
+
+from fastcam._ext import load_extension
+
+BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
+
+# Preference of backend="auto" per device type: fastest first, the reference last.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """What :func:`fastcam.backends` reports for one backend."""
+
+    name: str
+    usable: bool
+    device_types: tuple[str, ...]
+    version: str | None = None
+    reason: str = ""  # why it is not usable; empty when it is
+    archs: tuple[str, ...] = ()  # compiled CUDA architectures, where that applies
+
+    def __str__(self) -> str:
+        state = "usable" if self.usable else f"not usable: {self.reason}"
+        extra = f" {self.version}" if self.version else ""
+        archs = f" archs={','.join(self.archs)}" if self.archs else ""
+        return f"{self.name}{extra} ({'/'.join(self.device_types)}){archs}: {state}"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _probe() -> dict[str, BackendInfo]:
+    ext, ext_reason = load_extension()
+    cuda_reason = ext_reason
+    if ext is not None and not torch.cuda.is_available():
+        cuda_reason = "torch sees no CUDA device"
+    triton_version = _package_version("triton")
+    triton_reason = (
+        "fastcam's Triton kernels are not part of this version of fastcam"
+        if triton_version
+        else "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    )
+    return {
+        "torch": BackendInfo("torch", True, ("cpu", "cuda"), torch.__version__),
+        "cpu": BackendInfo("cpu", ext is not None, ("cpu",), reason=ext_reason or ""),
+        "cuda": BackendInfo("cuda", cuda_reason is None, ("cuda",), reason=cuda_reason or ""),
+        "triton": BackendInfo("triton", False, ("cuda",), triton_version, triton_reason),
+    }
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend by name, with whether it is usable here, its version and why not."""
+    return dict(_probe())
+
+
+def resolve_backend(name, device: torch.device) -> str:
+    """The concrete backend that runs a call on tensors of ``device``.
+
+    ``"auto"`` picks the fastest usable backend for the device type, the reference
+    (``"torch"``) when nothing compiled is usable. A named backend that cannot run here
+    raises :class:`BackendUnavailableError`; a name that does not exist, ``ValueError``.
+    """
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    infos = _probe()
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if infos[candidate].usable:
+                return candidate
+        return "torch"
+    info = infos[name]
+    if not info.usable:
+        raise BackendUnavailableError(f"backend={name!r} is not usable here: {info.reason}")
+    if device.type not in info.device_types:
+        raise ValueError(
+            f"backend={name!r} runs on {'/'.join(info.device_types)} tensors, "
+            f"but the inputs are on {device}"
+        )
+    return name

@@ -1,0 +1,5 @@
+import sys
+
+from fastcam.cli import main
+
+sys.exit(main())

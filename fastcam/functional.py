@@ -1,0 +1,318 @@
+"""The functional API of SPEC §3: validate the inputs, pick a backend, call it.
+
+Every backend module (``fastcam.reference`` today; the compiled and Triton ones as they
+arrive) provides ``cam_head``, ``pairwise_overlap`` and ``attention_loss`` taking the
+validated arguments; this module owns the checks and error messages, so that every
+backend fails the same way on bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from fastcam import reference
+from fastcam._backends import resolve_backend
+from fastcam.reference import MEASURES, NORMALIZE_MODES, UNLABELED_MODES
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_IMPLEMENTATIONS = {"torch": reference}
+
+
+class AttentionLossOutput(NamedTuple):
+    """What :func:`attention_loss` returns.
+
+    ``loss`` is the total (0-dim, float32, or float64 for float64 features); ``logits``
+    ``[B, C]`` in the features' dtype; ``cams`` the normalized maps, ``[B, C, H, W]`` or
+    ``[B, C, N]``. ``bce``, ``distinct``, ``consist`` and ``coherence`` are the unweighted
+    terms, or None for a term that was not computed (its lambda is 0, or
+    ``classification=False`` for the BCE).
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    cams: torch.Tensor
+    bce: torch.Tensor | None
+    distinct: torch.Tensor | None
+    consist: torch.Tensor | None
+    coherence: torch.Tensor | None
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check_tensor(name: str, value, dtypes=_FLOAT_DTYPES) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {value.dtype}; supported dtypes: {allowed}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+
+
+def _check_number(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{name} must be {need}, got {value}")
+    return value
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_same_device(**tensors) -> torch.device:
+    """The one device of the given tensors (a torch.device stands for itself)."""
+    present = {name: getattr(t, "device", t) for name, t in tensors.items() if t is not None}
+    if len(set(present.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+    return next(iter(present.values()))
+
+
+def _check_head(features, weight, bias) -> tuple[int, int]:
+    """Validate the head's inputs; returns ``(B, C)``."""
+    _check_tensor("features", features)
+    if features.dim() not in (3, 4):
+        raise ValueError(
+            "features must be [B, K, H, W] (NCHW or channels_last) or tokens [B, N, K], "
+            f"got shape {_shape(features)}"
+        )
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [C, K] (an nn.Linear(K, C).weight), got shape {_shape(weight)}")
+    if features.dim() == 4:
+        k, n, where = features.shape[1], features.shape[2] * features.shape[3], "dim 1 of [B, K, H, W]"
+    else:
+        k, n, where = features.shape[2], features.shape[1], "dim 2 of tokens [B, N, K]"
+    if weight.shape[1] != k:
+        raise ValueError(
+            f"weight has K={weight.shape[1]} but features have K={k} ({where}): "
+            f"features {_shape(features)}, weight {_shape(weight)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has no classes (C=0): weight {_shape(weight)}")
+    if n == 0:
+        raise ValueError(f"features have no positions (N=0): features {_shape(features)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias must be [C] = [{weight.shape[0]}], got shape {_shape(bias)} (weight {_shape(weight)})"
+            )
+    return features.shape[0], weight.shape[0]
+
+
+def _check_labels(labels, label_mask, batch: int, classes: int, device: torch.device) -> None:
+    if labels is None:
+        if label_mask is not None:
+            raise ValueError("label_mask was given without labels; pass labels too (or neither)")
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_complex():
+        raise TypeError(f"labels have dtype {labels.dtype}; expected a real (float, int or bool) dtype")
+    if tuple(labels.shape) != (batch, classes):
+        raise ValueError(f"labels must be [B, C] = [{batch}, {classes}], got shape {_shape(labels)}")
+    if label_mask is not None:
+        _check_tensor("label_mask", label_mask, dtypes=(torch.bool,))
+        if tuple(label_mask.shape) != (batch, classes):
+            raise ValueError(f"label_mask must be [B, C] = [{batch}, {classes}], got shape {_shape(label_mask)}")
+    _check_same_device(features=device, labels=labels, label_mask=label_mask)
+    if labels.dtype == torch.bool or labels.device.type == "meta":  # no values to check
+        return
+    outside = ~((labels >= 0) & (labels <= 1))  # NaN is outside too
+    if label_mask is not None:
+        outside &= label_mask
+    if bool(outside.any()):
+        b, c = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(
+            f"labels must lie in [0, 1] where known (label_mask True); "
+            f"{int(outside.sum())} known entries do not, e.g. labels[{b}, {c}] = {labels[b, c].item()}"
+        )
+
+
+def _check_grid(features: torch.Tensor, grid):
+    """The ``(H, W)`` grid of the positions, or None for tokens without one."""
+    if grid is not None:
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid)
+        ):
+            raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+        grid = (int(grid[0]), int(grid[1]))
+    if features.dim() == 4:
+        spatial = tuple(features.shape[2:])
+        if grid is not None and grid != spatial:
+            raise ValueError(f"grid={grid} does not match the features' (H, W) = {spatial}")
+        return spatial
+    if grid is not None and grid[0] * grid[1] != features.shape[1]:
+        raise ValueError(
+            f"grid={grid} has {grid[0] * grid[1]} positions but the token features "
+            f"{_shape(features)} have N={features.shape[1]}"
+        )
+    return grid
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def cam_head(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    normalize: str = "l2",
+    temperature: float = 1.0,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the class attention maps of every class, in one pass (SPEC §2.1).
+
+    Args:
+        features: ``[B, K, H, W]`` (NCHW or channels_last) or tokens ``[B, N, K]``.
+        weight, bias: the linear classifier after global average pooling,
+            ``[C, K]`` and ``[C]`` (or None).
+        normalize: ``"none"``, ``"max"``, ``"sum"``, ``"l2"`` or ``"softmax"``.
+        temperature: of the ``"softmax"`` normalization.
+        eps: added to every normalizing denominator.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        ``logits [B, C]`` in the features' dtype (equal to
+        ``F.linear(features.mean(spatial), weight, bias)``) and ``cams``, ``[B, C, H, W]``
+        for 4-D features, ``[B, C, N]`` for tokens, in float32 (float64 for float64).
+        For ``normalize="none"`` the maps are exactly N times Grad-CAM.
+    """
+    _check_head(features, weight, bias)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    temperature = _check_number("temperature", temperature, positive=True)
+    eps = _check_number("eps", eps)
+    device = _check_same_device(features=features, weight=weight, bias=bias)
+    impl = _IMPLEMENTATIONS[resolve_backend(backend, device)]
+    return impl.cam_head(features, weight, bias, normalize, temperature, eps)
+
+
+def pairwise_overlap(
+    cams: torch.Tensor, *, measure: str = "cosine", eps: float = 1e-6, backend: str = "auto"
+) -> torch.Tensor:
+    """``O[b, c, d] = overlap(cams[b, c], cams[b, d])``, ``[B, C, C]`` (SPEC §2.2).
+
+    ``cams`` is ``[B, C, H, W]`` or ``[B, C, N]``; ``measure`` one of ``"cosine"``,
+    ``"dot"``, ``"soft_iou"``, ``"dice"``, ``"intersection"``. The result is float32
+    (float64 for float64 maps). An all-zero map overlaps nothing (0, no NaN).
+    """
+    _check_tensor("cams", cams)
+    if cams.dim() not in (3, 4):
+        raise ValueError(f"cams must be [B, C, H, W] or [B, C, N], got shape {_shape(cams)}")
+    if math.prod(cams.shape[2:]) == 0:
+        raise ValueError(f"cams have no positions (N=0): cams {_shape(cams)}")
+    _check_choice("measure", measure, MEASURES)
+    eps = _check_number("eps", eps)
+    impl = _IMPLEMENTATIONS[resolve_backend(backend, cams.device)]
+    return impl.pairwise_overlap(cams, measure, eps)
+
+
+def attention_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    label_mask: torch.Tensor | None = None,
+    *,
+    normalize: str = "l2",
+    measure: str = "cosine",
+    lambda_distinct: float = 1.0,
+    lambda_consist: float = 0.0,
+    lambda_coherence: float = 0.0,
+    grid: tuple[int, int] | None = None,
+    unlabeled: str = "predicted",
+    classification: bool = True,
+    gather: bool = False,
+    backend: str = "auto",
+    temperature: float = 1.0,
+    eps: float = 1e-6,
+) -> AttentionLossOutput:
+    """The attention-map loss of SPEC §2.3, with the head's logits and maps.
+
+    ``loss = bce (if classification) + lambda_distinct * distinct
+    + lambda_consist * consist + lambda_coherence * coherence``.
+
+    Args:
+        features, weight, bias: as in :func:`cam_head`.
+        labels: multi-hot ``[B, C]`` in [0, 1] (soft labels allowed), or None when no
+            label is known.
+        label_mask: bool ``[B, C]``, True where the label is known; None means every label
+            is known. Where it is False the label's value is never read (NaN, -1 are fine).
+        unlabeled: pair weight of an unknown label: ``"predicted"`` (sigmoid of the
+            logit, detached) or ``"ignore"`` (0).
+        grid: ``(H, W)`` of token features, needed for the coherence term only.
+        classification: add the BCE on the logits, averaged over the known entries.
+        gather: compute the consistency term over the maps of every rank under
+            ``torch.distributed``. With one process it changes nothing.
+    """
+    batch, classes = _check_head(features, weight, bias)
+    device = _check_same_device(features=features, weight=weight, bias=bias)
+    _check_labels(labels, label_mask, batch, classes, device)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    _check_choice("measure", measure, MEASURES)
+    _check_choice("unlabeled", unlabeled, UNLABELED_MODES)
+    lambda_distinct = _check_number("lambda_distinct", lambda_distinct)
+    lambda_consist = _check_number("lambda_consist", lambda_consist)
+    lambda_coherence = _check_number("lambda_coherence", lambda_coherence)
+    temperature = _check_number("temperature", temperature, positive=True)
+    eps = _check_number("eps", eps)
+    classification = _check_flag("classification", classification)
+    gather = _check_flag("gather", gather)
+    grid = _check_grid(features, grid)
+    if lambda_coherence and grid is None:
+        raise ValueError(
+            f"the coherence term of token features {_shape(features)} needs grid=(H, W) "
+            "with H * W = N"
+        )
+    if gather and _world_size() > 1:
+        raise NotImplementedError(
+            f"gather=True across {_world_size()} ranks is not implemented in this version "
+            "of fastcam; use gather=False (each rank's consistency term on its local batch)"
+        )
+    impl = _IMPLEMENTATIONS[resolve_backend(backend, device)]
+    out = impl.attention_loss(
+        features,
+        weight,
+        bias,
+        labels,
+        label_mask,
+        normalize=normalize,
+        measure=measure,
+        lambda_distinct=lambda_distinct,
+        lambda_consist=lambda_consist,
+        lambda_coherence=lambda_coherence,
+        grid=grid,
+        unlabeled=unlabeled,
+        classification=classification,
+        temperature=temperature,
+        eps=eps,
+    )
+    return AttentionLossOutput(**out)

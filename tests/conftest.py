@@ -1,0 +1,42 @@
+"""Shared fixtures: every test that takes ``backend`` and ``device`` runs once per usable
+backend and device, so a backend added to fastcam is tested by the whole suite.
+
+``FASTCAM_TEST_BACKENDS=cpu,torch`` restricts the run to those backends.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastcam
+
+
+def _selected_backends() -> list[tuple[str, str]]:
+    only = {b for b in os.environ.get("FASTCAM_TEST_BACKENDS", "").split(",") if b}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    pairs = []
+    for name, info in fastcam.backends().items():
+        if not info.usable or (only and name not in only):
+            continue
+        pairs += [(name, device) for device in devices if device in info.device_types]
+    return pairs
+
+
+BACKEND_DEVICES = _selected_backends()
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+def backend_device(request) -> tuple[str, str]:
+    """``(backend, device)`` for each usable backend and each device it runs on."""
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_device) -> str:
+    return backend_device[0]
+
+
+@pytest.fixture
+def device(backend_device) -> str:
+    return backend_device[1]
