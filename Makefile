@@ -3,18 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcam-installed
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
 .PHONY: demo test bench info clean
 
-$(STAMP): pyproject.toml setup.py
+# torch first: building fastcam._C (csrc/) needs it importable (--no-build-isolation).
+$(STAMP): pyproject.toml setup.py fastcam/_build.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m pip install 'torch>=2.4' torchvision 'setuptools>=64' wheel ninja
+	$(PY) -m pip install --no-build-isolation -e '.[test,bench]'
 	touch $@
 
 demo: $(STAMP)  ## the main job (until `fastcam demo` lands: the quickstart training loop)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP)  ## the whole test suite, on every backend usable here
 	$(PY) -m pytest -q
 
 bench: $(STAMP)  ## pytest-benchmark on this machine's device
@@ -24,4 +27,4 @@ info: $(STAMP)
 	$(VENV)/bin/fastcam info
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks fastcam/*.so

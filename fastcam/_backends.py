@@ -8,7 +8,7 @@ import importlib.metadata
 
 import torch
 
-from fastcam._ext import load_extension
+from fastcam._ext import has_kernel, load_extension
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 
@@ -47,10 +47,18 @@ def _package_version(name: str) -> str | None:
 
 @functools.cache
 def _probe() -> dict[str, BackendInfo]:
-    ext, ext_reason = load_extension()
-    cuda_reason = ext_reason
-    if ext is not None and not torch.cuda.is_available():
-        cuda_reason = "torch sees no CUDA device"
+    built, ext_reason = load_extension()
+    compiled_version, archs, cuda_reason = None, (), ext_reason
+    if built is not None:
+        compiled_version = f"built for torch {built['torch']}"
+        if built["cuda"] != "none":
+            compiled_version += f", CUDA {built['cuda']}"
+        archs = tuple(a for a in built["archs"].split("_") if a and a != "none")
+        if not has_kernel("CUDA"):
+            cuda_reason = ("fastcam._C was built without CUDA kernels (nvcc was not found, or FASTCAM_CUDA=0); "
+                           "rebuild with nvcc on the PATH: `pip install --no-build-isolation -e .`")  # fmt: skip
+        elif not torch.cuda.is_available():
+            cuda_reason = "torch sees no CUDA device"
     triton_version = _package_version("triton")
     triton_reason = (
         "fastcam's Triton kernels are not part of this version of fastcam"
@@ -59,8 +67,8 @@ def _probe() -> dict[str, BackendInfo]:
     )
     return {
         "torch": BackendInfo("torch", True, ("cpu", "cuda"), torch.__version__),
-        "cpu": BackendInfo("cpu", ext is not None, ("cpu",), reason=ext_reason or ""),
-        "cuda": BackendInfo("cuda", cuda_reason is None, ("cuda",), reason=cuda_reason or ""),
+        "cpu": BackendInfo("cpu", built is not None, ("cpu",), compiled_version, ext_reason or ""),
+        "cuda": BackendInfo("cuda", cuda_reason is None, ("cuda",), compiled_version, cuda_reason or "", archs),
         "triton": BackendInfo("triton", False, ("cuda",), triton_version, triton_reason),
     }
 

@@ -1,5 +1,8 @@
-"""Loading of the compiled extension ``fastcam._C`` (CPU and CUDA kernels).
+"""Loading of the compiled extension ``fastcam._C`` (CPU and CUDA kernels, csrc/).
 
+``fastcam._C`` is built ahead of time by setup.py. When it is missing (installed without
+building) and the sources are at hand, it is built on first use with
+``torch.utils.cpp_extension.load`` and cached by torch (``FASTCAM_JIT=0`` turns that off).
 Kernels never import this module; the functional API asks it whether the extension is
 there and, if not, why.
 """
@@ -8,16 +11,37 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
+
+import torch
 
 
 @functools.cache
 def load_extension():
-    """``(module, None)`` when ``fastcam._C`` imports, else ``(None, reason)``."""
+    """``(build_info, None)`` once the ops are registered, else ``(None, reason)``.
+
+    ``build_info`` maps "torch", "cuda" and "archs" to what the library was built for.
+    """
     try:
-        module = importlib.import_module("fastcam._C")
+        importlib.import_module("fastcam._C")
     except ImportError as exc:
-        return None, (
-            f"the compiled extension fastcam._C is not available ({exc}); this version of "
-            "fastcam ships no compiled C++/CUDA kernels yet, use backend='torch'"
-        )
-    return module, None
+        if os.environ.get("FASTCAM_JIT", "1") == "0":
+            return None, (f"the compiled extension fastcam._C is not built ({exc}) and FASTCAM_JIT=0; "
+                          "build it with `pip install --no-build-isolation -e .`")  # fmt: skip
+        from fastcam import _build
+
+        try:
+            print("fastcam: fastcam._C is not built; compiling it now (once, cached by torch)", file=sys.stderr)
+            _build.jit_load()
+        except Exception as jit_exc:  # noqa: BLE001 - any build failure becomes the reason
+            return None, (f"the compiled extension fastcam._C is not built ({exc}) and building it on first "
+                          f"use failed ({jit_exc}); build it with `pip install --no-build-isolation -e .`")  # fmt: skip
+    importlib.import_module("fastcam._ops")  # fake kernels and autograd of the ops
+    info = dict(item.split("=", 1) for item in torch.ops.fastcam.build_info().split())
+    return info, None
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded library has kernels for ``device_type`` ("CPU" or "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastcam::cam_head", device_type)

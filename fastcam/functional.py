@@ -1,7 +1,7 @@
 """The functional API of SPEC §3: validate the inputs, pick a backend, call it.
 
-Every backend module (``fastcam.reference`` today; the compiled and Triton ones as they
-arrive) provides ``cam_head``, ``pairwise_overlap`` and ``attention_loss`` taking the
+Every backend module (``fastcam.reference``, ``fastcam._ops`` for the compiled extension)
+provides ``cam_head``, ``pairwise_overlap`` and ``attention_loss`` taking the
 validated arguments; this module owns the checks and error messages, so that every
 backend fails the same way on bad input.
 """
@@ -19,7 +19,15 @@ from fastcam._backends import resolve_backend
 from fastcam.reference import MEASURES, NORMALIZE_MODES, UNLABELED_MODES
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_IMPLEMENTATIONS = {"torch": reference}
+
+
+def _implementation(backend: str):
+    """The module that runs a resolved backend: the reference, or the compiled ops."""
+    if backend == "torch":
+        return reference
+    from fastcam import _ops  # loaded with the extension by resolve_backend
+
+    return _ops
 
 
 class AttentionLossOutput(NamedTuple):
@@ -211,7 +219,7 @@ def cam_head(
     temperature = _check_number("temperature", temperature, positive=True)
     eps = _check_number("eps", eps)
     device = _check_same_device(features=features, weight=weight, bias=bias)
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, device)]
+    impl = _implementation(resolve_backend(backend, device))
     return impl.cam_head(features, weight, bias, normalize, temperature, eps)
 
 
@@ -231,7 +239,7 @@ def pairwise_overlap(
         raise ValueError(f"cams have no positions (N=0): cams {_shape(cams)}")
     _check_choice("measure", measure, MEASURES)
     eps = _check_number("eps", eps)
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, cams.device)]
+    impl = _implementation(resolve_backend(backend, cams.device))
     return impl.pairwise_overlap(cams, measure, eps)
 
 
@@ -297,7 +305,7 @@ def attention_loss(
             f"gather=True across {_world_size()} ranks is not implemented in this version "
             "of fastcam; use gather=False (each rank's consistency term on its local batch)"
         )
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, device)]
+    impl = _implementation(resolve_backend(backend, device))
     out = impl.attention_loss(
         features,
         weight,

@@ -1,7 +1,9 @@
 """Shared fixtures: every test that takes ``backend`` and ``device`` runs once per usable
 backend and device, so a backend added to fastcam is tested by the whole suite.
 
-``FASTCAM_TEST_BACKENDS=cpu,torch`` restricts the run to those backends.
+``FASTCAM_TEST_BACKENDS=cpu,torch`` restricts the run to those backends;
+``FASTCAM_REQUIRE_BACKENDS=torch,cpu`` fails the run when one of those is not usable
+(CI sets it, so that an extension that did not build cannot pass as "not usable here").
 """
 
 import os
@@ -23,6 +25,16 @@ def _selected_backends() -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_required_backends() -> None:
+    infos = fastcam.backends()
+    for name in filter(None, os.environ.get("FASTCAM_REQUIRE_BACKENDS", "").split(",")):
+        if not infos[name].usable:
+            raise pytest.UsageError(
+                f"FASTCAM_REQUIRE_BACKENDS names {name!r}, which is not usable: {infos[name].reason}"
+            )
+
+
+_check_required_backends()
 BACKEND_DEVICES = _selected_backends()
 
 

@@ -1,0 +1,61 @@
+// Pairwise overlaps of groups of maps on the CPU, shared by pairwise_overlap (groups = images)
+// and attention_terms (groups = images for distinctiveness, classes for consistency).
+// Map p of group g starts at cams + g * sG + p * sP and has N contiguous values.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/map_math.h"
+
+namespace fastcam::cpu {
+
+template <typename T>
+std::vector<MapStats<T>> all_map_stats(const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP) {
+  std::vector<MapStats<T>> stats(G * P);
+  at::parallel_for(0, G * P, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) stats[i] = map_stats(cams + (i / P) * sG + (i % P) * sP, N);
+  });
+  return stats;
+}
+
+// out[g, p, q] = overlap(map p, map q) for every group, out contiguous [G, P, P].
+template <typename T>
+void overlap_forward(const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP, Measure m, T eps,
+                     T* out) {
+  const auto stats = all_map_stats(cams, G, P, N, sG, sP);
+  at::parallel_for(0, G * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / P, p = i % P;
+      const T* a = cams + g * sG + p * sP;
+      for (int64_t q = p; q < P; ++q) {  // the measures are symmetric: one triangle
+        const T v = overlap_pair(a, cams + g * sG + q * sP, N, m, eps, stats[i], stats[g * P + q]);
+        out[(g * P + p) * P + q] = v;
+        out[(g * P + q) * P + p] = v;
+      }
+    }
+  });
+}
+
+// grad[map p] += sum_q (gout[g, p, q] + gout[g, q, p]) * d overlap(map p, map q) / d map p.
+// Each task owns one map's gradient: no races, and no dependence on the thread count.
+template <typename T>
+void overlap_backward(const T* gout, const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP,
+                      Measure m, T eps, T* grad) {
+  const auto stats = all_map_stats(cams, G, P, N, sG, sP);
+  at::parallel_for(0, G * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / P, p = i % P;
+      const T* a = cams + g * sG + p * sP;
+      T* ga = grad + g * sG + p * sP;
+      for (int64_t q = 0; q < P; ++q) {
+        const T w = gout[(g * P + p) * P + q] + gout[(g * P + q) * P + p];
+        if (w == T(0)) continue;
+        overlap_pair_grad_a(a, cams + g * sG + q * sP, ga, N, m, eps, w, stats[i], stats[g * P + q]);
+      }
+    }
+  });
+}
+
+}  // namespace fastcam::cpu

@@ -1,0 +1,184 @@
+"""The compiled ops of ``fastcam._C`` (csrc/): their fake kernels, their autograd, and the
+backend they make (``backend="cpu"`` and ``backend="cuda"``).
+
+Importing this module loads the extension first (fastcam/_ext.py).
+The functions at the bottom take the same validated arguments as those of
+:mod:`fastcam.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcam._ext import load_extension
+
+if load_extension()[0] is None:
+    raise ImportError(f"fastcam._ops needs the compiled extension: {load_extension()[1]}")
+
+ops = torch.ops.fastcam
+TERM_NAMES = ("loss", "bce", "distinct", "consist", "coherence")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastcam: double backward through {op} is not supported (its gradient was computed by a "
+            "fused kernel that has no derivative); use backend='torch' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(f"fastcam::{op}", backward)
+
+
+# ------------------------------------------------------------------------------ cam_head
+
+
+@torch.library.register_fake("fastcam::cam_head")
+def _(features, weight, bias, normalize, temperature, eps):
+    B, _, N = features.shape
+    C, acc = weight.shape[0], _acc(features.dtype)
+    return (features.new_empty(B, C, dtype=acc), features.new_empty(B, C, N, dtype=acc),
+            features.new_empty(B, C, N, dtype=acc))  # fmt: skip
+
+
+@torch.library.register_fake("fastcam::cam_head_backward")
+def _(grad_logits, grad_cams, features, weight, scores, cams, normalize, temperature, eps, output_mask):
+    C, K = weight.shape
+    acc = _acc(features.dtype)
+    return (
+        torch.empty_like(features) if output_mask[0] else features.new_empty(0),
+        features.new_empty(C, K, dtype=acc) if output_mask[1] else features.new_empty(0, dtype=acc),
+        features.new_empty(C, dtype=acc) if output_mask[2] else features.new_empty(0, dtype=acc),
+    )
+
+
+def _cam_head_setup(ctx, inputs, output):
+    features, weight, bias, normalize, temperature, eps = inputs
+    _, scores, cams = output
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(features, weight, scores, cams)
+    ctx.options = (normalize, temperature, eps)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _cam_head_backward(ctx, grad_logits, grad_scores, grad_cams):
+    features, weight, scores, cams = ctx.saved_tensors
+    need_f, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.bias_dtype is not None
+    if grad_logits is None and grad_cams is None:
+        return None, None, None, None, None, None
+    gf, gw, gb = ops.cam_head_backward(grad_logits, grad_cams, features, weight, scores, cams, *ctx.options,
+                                       [need_f, need_w, need_b])  # fmt: skip
+    return (gf if need_f else None, gw.to(weight.dtype) if need_w else None,
+            gb.to(ctx.bias_dtype) if need_b else None, None, None, None)  # fmt: skip
+
+
+torch.library.register_autograd("fastcam::cam_head", _cam_head_backward, setup_context=_cam_head_setup)
+_no_double_backward("cam_head_backward")
+
+
+# ---------------------------------------------------------------------- pairwise_overlap
+
+
+@torch.library.register_fake("fastcam::pairwise_overlap")
+def _(cams, measure, eps):
+    G, P, _ = cams.shape
+    return cams.new_empty(G, P, P)
+
+
+@torch.library.register_fake("fastcam::pairwise_overlap_backward")
+def _(grad, cams, measure, eps):
+    return torch.empty_like(cams, memory_format=torch.contiguous_format)
+
+
+def _overlap_setup(ctx, inputs, output):
+    cams, measure, eps = inputs
+    ctx.save_for_backward(cams)
+    ctx.options = (measure, eps)
+
+
+def _overlap_backward(ctx, grad):
+    (cams,) = ctx.saved_tensors
+    return ops.pairwise_overlap_backward(grad, cams, *ctx.options), None, None
+
+
+torch.library.register_autograd("fastcam::pairwise_overlap", _overlap_backward, setup_context=_overlap_setup)
+_no_double_backward("pairwise_overlap_backward")
+
+
+# ----------------------------------------------------------------------- attention_terms
+
+
+@torch.library.register_fake("fastcam::attention_terms")
+def _(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w, weights):
+    return cams.new_empty(5)
+
+
+@torch.library.register_fake("fastcam::attention_terms_backward")
+def _(grad_terms, logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w, weights):
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format, dtype=cams.dtype),
+            torch.empty_like(cams, memory_format=torch.contiguous_format))  # fmt: skip
+
+
+def _terms_setup(ctx, inputs, output):
+    logits, cams, labels, label_mask, *options = inputs
+    ctx.save_for_backward(logits, cams, labels, label_mask)
+    ctx.options = options
+    ctx.logits_dtype = logits.dtype
+
+
+def _terms_backward(ctx, grad_terms):
+    logits, cams, labels, label_mask = ctx.saved_tensors
+    gl, gc = ops.attention_terms_backward(grad_terms, logits, cams, labels, label_mask, *ctx.options)
+    return gl.to(ctx.logits_dtype), gc, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastcam::attention_terms", _terms_backward, setup_context=_terms_setup)
+_no_double_backward("attention_terms_backward")
+
+
+# ------------------------------------------------------------ the backend (cpu and cuda)
+
+
+def _as_bkn(features: torch.Tensor) -> torch.Tensor:
+    """Features as a [B, K, N] view with stride 1 along N or K (a copy only if neither)."""
+    f = features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)
+    if 1 not in (f.stride(2), f.stride(1)) and 1 not in (f.shape[2], f.shape[1]):
+        f = f.contiguous()
+    return f
+
+
+def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
+    logits, _, cams = ops.cam_head(_as_bkn(features), weight, bias, normalize, temperature, eps)
+    return logits, cams
+
+
+def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1e-6):
+    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
+    if features.dim() == 4:
+        cams = cams.unflatten(-1, features.shape[2:])
+    return logits.to(features.dtype), cams
+
+
+def pairwise_overlap(cams, measure="cosine", eps=1e-6):
+    return ops.pairwise_overlap(cams.flatten(2).to(_acc(cams.dtype)), measure, eps)
+
+
+def attention_loss(features, weight, bias, labels=None, label_mask=None, *, normalize="l2", measure="cosine",
+                   lambda_distinct=1.0, lambda_consist=0.0, lambda_coherence=0.0, grid=None, unlabeled="predicted",
+                   classification=True, temperature=1.0, eps=1e-6):  # fmt: skip
+    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
+    weights = [1.0 if classification else 0.0, lambda_distinct, lambda_consist, lambda_coherence]
+    grid_h, grid_w = grid if grid is not None else (0, 0)
+    terms = ops.attention_terms(logits, cams, None if labels is None else labels.to(logits.dtype), label_mask,
+                                measure, eps, unlabeled == "predicted", grid_h, grid_w, weights)  # fmt: skip
+    values = dict(zip(TERM_NAMES, terms.unbind()))
+    for name, weight_of_term in zip(TERM_NAMES[1:], weights):
+        if not weight_of_term:
+            values[name] = None
+    if features.dim() == 4:
+        cams = cams.unflatten(-1, features.shape[2:])
+    return dict(logits=logits.to(features.dtype), cams=cams, **values)
