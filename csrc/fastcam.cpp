@@ -8,7 +8,9 @@
 //   * work happens in the accumulation dtype acc: float64 for float64 features, else float32;
 //     scores, cams, logits, q and the loss terms are acc tensors, [B, C, N] contiguous;
 //   * a gradient that output_mask does not ask for is returned as an empty tensor.
+#ifdef FASTCAM_PYTHON_MODULE
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include <string>
@@ -34,6 +36,7 @@ std::string build_info() {
 }
 }  // namespace
 
+#ifdef FASTCAM_PYTHON_MODULE
 extern "C" {
 // Importing fastcam._C loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
@@ -41,6 +44,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(fastcam, m) {
   m.def("build_info() -> str", &build_info);

@@ -78,6 +78,7 @@ def backends() -> dict[str, BackendInfo]:
     return dict(_probe())
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the choice in, as eager makes it
 def resolve_backend(name, device: torch.device) -> str:
     """The concrete backend that runs a call on tensors of ``device``.
 

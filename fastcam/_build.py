@@ -107,7 +107,8 @@ def extension_kwargs(root: str, cuda: str | None, debug: bool = False) -> tuple[
     f = flags(debug)
     kwargs = dict(
         sources=[os.path.relpath(s, root) for s in sources(csrc, with_cuda)],
-        extra_compile_args={"cxx": f["cxx"] + build_defines(with_cuda), "nvcc": f["nvcc"]},
+        extra_compile_args={"cxx": f["cxx"] + build_defines(with_cuda) + ["-DFASTCAM_PYTHON_MODULE"],
+                            "nvcc": f["nvcc"]},
         extra_link_args=f["ld"],
     )
     if with_cuda:

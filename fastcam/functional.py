@@ -148,6 +148,9 @@ def _check_labels(labels, label_mask, batch: int, classes: int, device: torch.de
     outside = ~((labels >= 0) & (labels <= 1))  # NaN is outside too
     if label_mask is not None:
         outside &= label_mask
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: a runtime assert
+        torch._assert_async(~outside.any(), "labels must lie in [0, 1] where known (label_mask True)")
+        return
     if bool(outside.any()):
         b, c = (int(i) for i in outside.nonzero()[0])
         raise ValueError(

@@ -1,0 +1,62 @@
+"""Side by side, in one run: attention_loss forward + backward per usable backend and the
+speed-up over the reference, on the SPEC §5 shapes.
+
+    python benchmarks/compare_backends.py                 # CPU: batch 2, 4 and 8
+    python benchmarks/compare_backends.py --batch 64      # any batch (the SPEC's on a GPU: --spec)
+
+Wall-clock medians (CUDA-synchronized on a GPU); the pytest-benchmark suite next to this
+file measures the same step with statistics.
+"""
+
+import argparse
+import time
+
+import torch
+
+import fastcam
+from fastcam.workloads import SPEC_SHAPES, make_inputs
+
+
+def median_ms(fn, device, reps):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 2 4 8 on CPU)")
+    parser.add_argument("--spec", action="store_true", help="the SPEC's batch sizes")
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = [n for n, b in fastcam.backends().items() if b.usable and device in b.device_types]
+    batches = [None] if args.spec else (args.batch or [2, 4, 8])
+    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | bf16 features, "
+          f"fwd+bwd of attention_loss, median of {args.reps}")
+    print(f"{'shape':24s} {'B':>4s} " + " ".join(f"{b + ' ms':>10s}" for b in backends)
+          + "".join(f" {b + ' x':>8s}" for b in backends if b != "torch"))
+    for batch in batches:
+        for shape in SPEC_SHAPES:
+            shape = shape if batch is None else shape.scaled(batch)
+            f, w, b, labels, mask = make_inputs(shape, device=device)
+            times = {}
+            for name in backends:
+                def step():
+                    out = fastcam.attention_loss(f, w, b, labels, mask, backend=name)
+                    out.loss.backward()
+                times[name] = median_ms(step, device, args.reps)
+            print(f"{shape.name:24s} {shape.B:4d} " + " ".join(f"{times[n]:10.3f}" for n in backends)
+                  + "".join(f" {times['torch'] / times[n]:8.2f}" for n in backends if n != "torch"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (run it whenever a GPU is at hand, e.g. through the device tool):
+#   1. builds fastcam._C here with its CUDA kernels (a binary built elsewhere will not load);
+#   2. runs the whole test suite on every usable backend, CUDA tensors included;
+#   3. runs compute-sanitizer memcheck on a small fwd+bwd of every CUDA op;
+#   4. prints the benchmark table.
+# Everything it prints also lands in $OUT (default gpu-check/), for BENCHMARKS.md.
+# Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "versions"
+$PYTHON - <<'PY' | tee "$OUT/versions.txt"
+import platform, subprocess, torch
+print("date", subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip())
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton none")
+print(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+PY
+
+step "build fastcam._C with CUDA kernels"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PYTHON -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+  export TORCH_CUDA_ARCH_LIST
+fi
+export FASTCAM_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+start=$(date +%s)
+if ! $PYTHON setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s for sm ${TORCH_CUDA_ARCH_LIST}"
+$PYTHON -m fastcam.cli info | tee "$OUT/info.txt"
+
+step "tests on every usable backend (CUDA included)"
+ignore=()
+$PYTHON -c "import torchvision" 2>/dev/null || ignore=(--ignore=tests/test_models.py --ignore=tests/test_readme.py)
+FASTCAM_REQUIRE_BACKENDS=torch,cpu,cuda $PYTHON -m pytest -q -p no:cacheprovider tests "${ignore[@]}" \
+  > "$OUT/tests.log" 2>&1 || status=1
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+tail -3 "$OUT/tests.log"
+
+step "compute-sanitizer memcheck"
+if command -v compute-sanitizer > /dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 $PYTHON scripts/memcheck_case.py > "$OUT/memcheck.log" 2>&1 \
+    || status=1
+  tail -5 "$OUT/memcheck.log"
+else
+  echo "compute-sanitizer not found"; status=1
+fi
+
+step "benchmarks"
+$PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=min,median,iqr \
+  --benchmark-json "$OUT/benchmarks.json" 2>&1 | tee "$OUT/benchmarks.txt" | grep -vE "^(\.|$)" | tail -80
+
+exit $status
