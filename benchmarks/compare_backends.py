@@ -50,9 +50,10 @@ def main():
             f, w, b, labels, mask = make_inputs(shape, device=device)
             times = {}
             for name in backends:
-                def step():
+                def step(name=name, f=f, w=w, b=b, labels=labels, mask=mask):
                     out = fastcam.attention_loss(f, w, b, labels, mask, backend=name)
                     out.loss.backward()
+
                 times[name] = median_ms(step, device, args.reps)
             print(f"{shape.name:24s} {shape.B:4d} " + " ".join(f"{times[n]:10.3f}" for n in backends)
                   + "".join(f" {times['torch'] / times[n]:8.2f}" for n in backends if n != "torch"))

@@ -22,6 +22,7 @@ for layout in ("nchw", "channels_last", "tokens"):
             out = fastcam.attention_loss(feats, weight, bias, labels, mask, normalize=normalize, measure=measure,
                                          lambda_consist=0.5, lambda_coherence=0.5, grid=(5, 7), backend="cuda")
             out.loss.backward()
-            fastcam.pairwise_overlap(out.cams.detach().requires_grad_(), measure=measure, backend="cuda").sum().backward()
+            cams = out.cams.detach().requires_grad_()
+            fastcam.pairwise_overlap(cams, measure=measure, backend="cuda").sum().backward()
 torch.cuda.synchronize()
 print("memcheck case done")

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import fastcam
-from helpers import make_head_inputs
-
 from conftest import BACKEND_DEVICES
+from helpers import make_head_inputs
 
 COMPILED = [(b, d) for b, d in BACKEND_DEVICES if b in ("cpu", "cuda")]
 
