@@ -63,6 +63,30 @@ def pip_cuda_dirs() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
+def toolkit_include_dirs() -> list[str]:
+    """The include folder of the CUDA toolkit that nvcc belongs to, for the C++ (g++) sources
+    that include CUDA headers (csrc/cuda/*_binding.cpp: c10/cuda -> cuda_runtime.h ->
+    crt/host_config.h). torch derives CUDA_HOME from nvcc's location, which is wrong where
+    nvcc is a wrapper script outside its toolkit (e.g. /usr/local/bin/nvcc); nvcc itself
+    knows its folder (``_HERE_`` in ``nvcc --dryrun``). The pip CUDA headers lack crt/."""
+    import subprocess
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        return []
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            include = os.path.normpath(os.path.join(line.split("=", 1)[1].strip(), "..", "include"))
+            if os.path.isfile(os.path.join(include, "crt", "host_config.h")):
+                return [include]
+    return []
+
+
 def cudart_link_name(library_dirs: list[str]) -> str:
     """"cudart" where an unversioned libcudart.so exists, else ":libcudart.so.N"."""
     from torch.utils.cpp_extension import CUDA_HOME
@@ -113,7 +137,7 @@ def extension_kwargs(root: str, cuda: str | None, debug: bool = False) -> tuple[
     )
     if with_cuda:
         includes, libs = pip_cuda_dirs()
-        kwargs.update(include_dirs=includes, library_dirs=libs)
+        kwargs.update(include_dirs=toolkit_include_dirs() + includes, library_dirs=libs)
     return kwargs, with_cuda
 
 
@@ -135,6 +159,8 @@ def jit_load(verbose: bool = False) -> None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     f = flags()
     includes, libs = pip_cuda_dirs() if with_cuda else ([], [])
+    if with_cuda:
+        includes = toolkit_include_dirs() + includes
     ldflags = f["ld"] + [f"-L{d}" for d in libs]
     if with_cuda:
         ldflags.append(f"-l{cudart_link_name(libs)}")

@@ -1,6 +1,7 @@
 // The host launchers of the CUDA kernels (csrc/cuda/<op>.cu), called by the ATen bindings
-// (csrc/cuda/<op>.cpp). Light on purpose: the .cu files include this header and no
-// torch/ATen/c10 header, so that they compile quickly.
+// (csrc/cuda/<op>_binding.cpp). Light on purpose: the .cu files include this header and no
+// torch/ATen/c10 header, so that they compile quickly. (The bindings are <op>_binding.cpp,
+// not <op>.cpp: setuptools names objects by stem, and <op>.cu and <op>.cpp would collide.)
 //
 // Conventions of every launcher:
 //   * raw pointers, sizes and element strides; the accumulation type acc is double for
@@ -89,7 +90,8 @@ struct TermsArgs {
   double w_bce, w_distinct, w_consist, w_coherence;  // a term of weight 0 is not computed
 };
 
-size_t attention_terms_workspace_bytes(const TermsArgs& a);
+// Scratch of the forward (backward false) or of the backward (backward true).
+size_t attention_terms_workspace_bytes(const TermsArgs& a, bool backward);
 // terms [5] (zero-filled by the caller) = [loss, bce, distinct, consist, coherence].
 cudaError_t attention_terms_forward(const TermsArgs& a, void* terms, void* workspace, cudaStream_t stream);
 // grad_terms [5] (acc, on the device) -> grad_logits [B, C] and grad_cams [B, C, N] (acc,

@@ -1,0 +1,121 @@
+// cam_head on CUDA: the ATen binding (checks, outputs, stream) of the kernels in cam_head.cu.
+// Same checks, outputs and semantics as csrc/cpu/cam_head.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../common/options.h"
+#include "binding.h"
+#include "launch.h"
+
+namespace fastcam::cuda {
+namespace {
+
+// [B, K, N] with N contiguous (NCHW) or K contiguous (channels_last, tokens).
+bool positions_contiguous(const at::Tensor& f) { return f.stride(2) == 1 || f.size(2) == 1; }
+
+void check_head(const at::Tensor& features, const at::Tensor& weight) {
+  TORCH_CHECK(features.dim() == 3, "fastcam::cam_head: features must be a [B, K, N] view, got ", features.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1),
+              "fastcam::cam_head: weight must be [C, K] with K = ", features.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(features.size(2) > 0, "fastcam::cam_head: features have no positions");
+  TORCH_CHECK(positions_contiguous(features) || features.stride(1) == 1 || features.size(1) == 1,
+              "fastcam::cam_head: features need stride 1 along N or along K, got strides ", features.strides());
+  check_device(weight, features.device(), "fastcam::cam_head", "weight");
+}
+
+// An acc [B, C, N] input of the backward, contiguous.
+at::Tensor maps_input(const at::Tensor& t, at::ScalarType acc, int64_t B, int64_t C, int64_t N, const at::Device& device,
+                      const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == B && t.size(1) == C && t.size(2) == N, "fastcam::cam_head_backward: ", name,
+              " must be [B, C, N] = [", B, ", ", C, ", ", N, "], got ", t.sizes());
+  check_device(t, device, "fastcam::cam_head_backward", name);
+  return t.to(acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cuda(const at::Tensor& features, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              c10::string_view normalize, double temperature,
+                                                              double eps) {
+  check_head(features, weight);
+  const Normalize mode = parse_normalize(std::string(normalize));
+  const DType dtype = dtype_tag(features.scalar_type(), "fastcam::cam_head");
+  const c10::cuda::CUDAGuard guard(features.device());
+  const auto acc = acc_type(features.scalar_type());
+  const int64_t B = features.size(0), N = features.size(2), C = weight.size(0);
+  const at::Tensor w = weight.to(acc).contiguous();
+  at::Tensor bvec;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == C, "fastcam::cam_head: bias must have C = ", C, " values, got ", bias->sizes());
+    check_device(*bias, features.device(), "fastcam::cam_head", "bias");
+    bvec = bias->to(acc).contiguous();
+  }
+  auto opts = features.options().dtype(acc);
+  at::Tensor scores = at::empty({B, C, N}, opts), cams = at::empty({B, C, N}, opts), logits = at::empty({B, C}, opts);
+  C10_CUDA_CHECK(cam_head_forward(feature_view(features, dtype), features.const_data_ptr(), w.const_data_ptr(),
+                                  bvec.defined() ? bvec.const_data_ptr() : nullptr, C, mode, temperature, eps,
+                                  logits.mutable_data_ptr(), scores.mutable_data_ptr(), cams.mutable_data_ptr(),
+                                  current_stream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logits, scores, cams};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cuda(
+    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_cams,
+    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& cams,
+    c10::string_view normalize, double temperature, double eps, std::array<bool, 3> output_mask) {
+  check_head(features, weight);
+  const Normalize mode = parse_normalize(std::string(normalize));
+  const DType dtype = dtype_tag(features.scalar_type(), "fastcam::cam_head_backward");
+  const c10::cuda::CUDAGuard guard(features.device());
+  const auto acc = acc_type(features.scalar_type());
+  const at::Device device = features.device();
+  const int64_t B = features.size(0), K = features.size(1), N = features.size(2), C = weight.size(0);
+  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor s = maps_input(scores, acc, B, C, N, device, "scores");
+  const at::Tensor cm = maps_input(cams, acc, B, C, N, device, "cams");
+  at::Tensor gl, gc;
+  if (grad_logits.has_value()) {
+    TORCH_CHECK(grad_logits->dim() == 2 && grad_logits->size(0) == B && grad_logits->size(1) == C,
+                "fastcam::cam_head_backward: grad_logits must be [B, C] = [", B, ", ", C, "], got ",
+                grad_logits->sizes());
+    check_device(*grad_logits, device, "fastcam::cam_head_backward", "grad_logits");
+    gl = grad_logits->to(acc).contiguous();
+  }
+  if (grad_cams.has_value()) gc = maps_input(*grad_cams, acc, B, C, N, device, "grad_cams");
+  auto opts = features.options().dtype(acc);
+  at::Tensor g = at::empty({B, C, N}, opts);
+  at::Tensor df = output_mask[0] ? at::empty_like(features) : at::Tensor();
+  at::Tensor dw = output_mask[1] ? at::zeros({C, K}, opts) : at::Tensor();
+  at::Tensor db = output_mask[2] ? (gl.defined() ? gl.sum(0) : at::zeros({C}, opts)) : at::Tensor();
+  at::Tensor partials;
+  if (dw.defined()) partials = at::empty({cam_head_dw_partials(B, N, C, K)}, opts);
+  if (df.defined() || dw.defined()) {
+    const FeatureView dfv = df.defined() ? feature_view(df, dtype) : feature_view(features, dtype);
+    C10_CUDA_CHECK(cam_head_backward(
+        feature_view(features, dtype), features.const_data_ptr(), w.const_data_ptr(), C,
+        gl.defined() ? gl.const_data_ptr() : nullptr, gc.defined() ? gc.const_data_ptr() : nullptr,
+        s.const_data_ptr(), cm.const_data_ptr(), mode, temperature, eps, g.mutable_data_ptr(), dfv,
+        df.defined() ? df.mutable_data_ptr() : nullptr, dw.defined() ? dw.mutable_data_ptr() : nullptr,
+        partials.defined() && partials.numel() > 0 ? partials.mutable_data_ptr() : nullptr, current_stream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  return {df.defined() ? df : at::empty({0}, features.options()), or_empty(dw), or_empty(db)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcam, CUDA, m) {
+  m.impl("cam_head", &cam_head_cuda);
+  m.impl("cam_head_backward", &cam_head_backward_cuda);
+}
+
+}  // namespace fastcam::cuda
