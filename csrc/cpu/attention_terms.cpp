@@ -77,21 +77,32 @@ struct Grouping {
 Grouping by_image(const Inputs& in) { return {in.B, in.C, in.C * in.N, in.N, in.C, 1}; }
 Grouping by_class(const Inputs& in) { return {in.C, in.B, in.N, in.C * in.N, 1, in.C}; }
 
-// Overlaps within each group and the off-diagonal pair weights' total.
+// sum over groups and off-diagonal pairs of q[g, p] q[g, r] overlap(map p, map r), computing
+// only the pairs of nonzero weight (labeled images weigh only their positive classes) or
+// with a non-finite map (whose NaN must reach the sum, as in the reference).
+// Per-map partial sums added in a fixed order: the result does not depend on the threads.
 template <typename T>
-std::vector<T> group_overlaps(const Inputs& in, const Grouping& gr, Measure m, T eps) {
-  std::vector<T> o(gr.G * gr.P * gr.P);
-  overlap_forward<T>(in.cams.const_data_ptr<T>(), gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, eps, o.data());
-  return o;
-}
-
-template <typename T>
-T weighted_overlap(const std::vector<T>& o, const std::vector<T>& q, const Grouping& gr) {
+T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps) {
+  const T* cams = in.cams.const_data_ptr<T>();
+  const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
+  std::vector<T> partial(gr.G * gr.P, T(0));
+  at::parallel_for(0, gr.G * gr.P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / gr.P, p = i % gr.P;
+      const T qp = q[g * gr.q_sG + p * gr.q_sP];
+      const T* a = cams + g * gr.map_sG + p * gr.map_sP;
+      T sum = 0;
+      for (int64_t r = p + 1; r < gr.P; ++r) {  // symmetric: each unordered pair once, counted twice
+        const T w = qp * q[g * gr.q_sG + r * gr.q_sP];
+        const MapStats<T>& sr = stats[g * gr.P + r];
+        if (w == T(0) && finite_map(stats[i]) && finite_map(sr)) continue;
+        sum += w * overlap_value(a, cams + g * gr.map_sG + r * gr.map_sP, in.N, m, eps, stats[i], sr);
+      }
+      partial[i] = T(2) * sum;
+    }
+  });
   T total = 0;
-  for (int64_t g = 0; g < gr.G; ++g)
-    for (int64_t p = 0; p < gr.P; ++p)
-      for (int64_t r = 0; r < gr.P; ++r)
-        if (p != r) total += q[g * gr.q_sG + p * gr.q_sP] * q[g * gr.q_sG + r * gr.q_sP] * o[(g * gr.P + p) * gr.P + r];
+  for (const T v : partial) total += v;
   return total;
 }
 
@@ -123,15 +134,13 @@ at::Tensor attention_terms_cpu(const at::Tensor& logits, const at::Tensor& cams,
     }
     if (w.distinct != 0) {
       const Grouping gr = by_image(in);
-      const auto o = group_overlaps<T>(in, gr, m, e);
-      res[2] = weighted_overlap(o, q, gr) / (pair_weight_total(q, gr.G, gr.P, gr.q_sG, gr.q_sP) + e);
+      res[2] = weighted_overlap(in, q, gr, m, e) / (pair_weight_total(q, gr.G, gr.P, gr.q_sG, gr.q_sP) + e);
     }
     if (w.consist != 0) {
       const Grouping gr = by_class(in);
-      const auto o = group_overlaps<T>(in, gr, m, e);
       const T den = pair_weight_total(q, gr.G, gr.P, gr.q_sG, gr.q_sP);
       // sum v (1 - O) = sum v - sum v O
-      res[3] = (den - weighted_overlap(o, q, gr)) / (den + e);
+      res[3] = (den - weighted_overlap(in, q, gr, m, e)) / (den + e);
     }
     if (w.coherence != 0) {
       const T* c = in.cams.const_data_ptr<T>();
