@@ -200,3 +200,28 @@ def test_attention_map_loss_module(backend, device):
     loss.backward()
     assert head.weight.grad is not None and head.bias.grad is not None
     assert "soft_iou" in repr(criterion)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("unlabeled", ["predicted", "ignore"])
+def test_many_classes_and_images_match_the_reference(backend, device, measure, unlabeled):
+    """C = 20 classes and B = 17 images, 16 of them unlabeled: groups with many weighted maps
+    (which compiled backends may treat as one GEMM), for both pairwise terms, beside a
+    sparse labeled image."""
+    B, C = 17, 20
+    feats, weight, bias = make_head_inputs("nchw", B=B, C=C, K=6, H=3, W=4, device=device, seed=31)
+    g = torch.Generator().manual_seed(32)
+    labels = (torch.rand(B, C, generator=g) < 0.15).double().to(device)
+    mask = torch.ones(B, C, dtype=torch.bool, device=device)
+    mask[:16] = False
+    kw = dict(measure=measure, lambda_distinct=0.7, lambda_consist=0.4, lambda_coherence=0.3, unlabeled=unlabeled)
+
+    def run(be):
+        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, labels, mask, backend=be, **kw)
+        out.loss.backward()
+        return out.distinct, out.consist, out.coherence, out.loss, f.grad, w.grad, b.grad
+
+    for name, got, want in zip(("distinct", "consist", "coherence", "loss", "grad features", "grad weight",
+                                "grad bias"), run(backend), run("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)

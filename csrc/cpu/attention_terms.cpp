@@ -77,6 +77,37 @@ struct Grouping {
 Grouping by_image(const Inputs& in) { return {in.B, in.C, in.C * in.N, in.N, in.C, 1}; }
 Grouping by_class(const Inputs& in) { return {in.C, in.B, in.N, in.C * in.N, 1, in.C}; }
 
+// Dot and cosine overlaps of a group with many weighted maps are one GEMM (their Gram
+// matrix) instead of a loop over pairs: an unlabeled image weighs every pair of classes.
+constexpr int64_t kGemmMaps = 16;
+
+bool gemm_measure(Measure m) { return m == Measure::Dot || m == Measure::Cosine; }
+
+// The maps of group g whose pairs count: a nonzero weight, or a non-finite map.
+template <typename T>
+std::vector<int64_t> active_maps(const std::vector<T>& q, const std::vector<MapStats<T>>& stats, const Grouping& gr,
+                                 int64_t g) {
+  std::vector<int64_t> active;
+  for (int64_t p = 0; p < gr.P; ++p)
+    if (q[g * gr.q_sG + p * gr.q_sP] != T(0) || !finite_map(stats[g * gr.P + p])) active.push_back(p);
+  return active;
+}
+
+// The maps `active` of group g, gathered: [len(active), N].
+at::Tensor gather_maps(const Inputs& in, const Grouping& gr, int64_t g, const std::vector<int64_t>& active) {
+  const at::Tensor group =
+      in.cams.as_strided({gr.P, in.N}, {gr.map_sP, 1}, in.cams.storage_offset() + g * gr.map_sG);
+  return group.index_select(0, at::tensor(c10::ArrayRef<int64_t>(active), at::kLong));
+}
+
+// overlap(map active[x], map active[y]) from the Gram matrix of the gathered maps.
+template <typename T>
+T gram_overlap(const T* gram, int64_t nz, int64_t x, int64_t y, Measure m, T eps, const MapStats<T>& sx,
+               const MapStats<T>& sy) {
+  const T d = gram[x * nz + y];
+  return m == Measure::Dot ? d : d / (sx.norm * sy.norm + eps);
+}
+
 // sum over groups and off-diagonal pairs of q[g, p] q[g, r] overlap(map p, map r), computing
 // only the pairs of nonzero weight (labeled images weigh only their positive classes) or
 // with a non-finite map (whose NaN must reach the sum, as in the reference).
@@ -85,10 +116,31 @@ template <typename T>
 T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps) {
   const T* cams = in.cams.const_data_ptr<T>();
   const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
-  std::vector<T> partial(gr.G * gr.P, T(0));
+  std::vector<T> partial(gr.G * gr.P, T(0)), dense_sum(gr.G, T(0));
+  std::vector<char> dense(gr.G, 0);
+  for (int64_t g = 0; gemm_measure(m) && g < gr.G; ++g) {
+    const auto active = active_maps(q, stats, gr, g);
+    const int64_t nz = int64_t(active.size());
+    if (nz < kGemmMaps) continue;
+    dense[g] = 1;
+    const at::Tensor maps = gather_maps(in, gr, g, active);
+    const at::Tensor gram = at::mm(maps, maps.t()).contiguous();
+    const T* gp = gram.const_data_ptr<T>();
+    T sum = 0;
+    for (int64_t x = 0; x < nz; ++x) {
+      const int64_t p = active[x];
+      for (int64_t y = x + 1; y < nz; ++y) {
+        const int64_t r = active[y];
+        const T w = q[g * gr.q_sG + p * gr.q_sP] * q[g * gr.q_sG + r * gr.q_sP];
+        sum += w * gram_overlap(gp, nz, x, y, m, eps, stats[g * gr.P + p], stats[g * gr.P + r]);
+      }
+    }
+    dense_sum[g] = T(2) * sum;
+  }
   at::parallel_for(0, gr.G * gr.P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / gr.P, p = i % gr.P;
+      if (dense[g]) continue;
       const T qp = q[g * gr.q_sG + p * gr.q_sP];
       const T* a = cams + g * gr.map_sG + p * gr.map_sP;
       T sum = 0;
@@ -103,7 +155,49 @@ T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr
   });
   T total = 0;
   for (const T v : partial) total += v;
+  for (const T v : dense_sum) total += v;
   return total;
+}
+
+// Gradient of the dense groups' weighted overlaps into grad (cams layout), from go[g, p, r]
+// (the weight of overlap(p, r) in the loss); their block of go is zeroed, done.
+template <typename T>
+void dense_groups_backward(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps,
+                           std::vector<T>& go, T* grad) {
+  if (!gemm_measure(m)) return;
+  const T* cams = in.cams.const_data_ptr<T>();
+  const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
+  for (int64_t g = 0; g < gr.G; ++g) {
+    const auto active = active_maps(q, stats, gr, g);
+    const int64_t nz = int64_t(active.size());
+    if (nz < kGemmMaps) continue;
+    const at::Tensor maps = gather_maps(in, gr, g, active);
+    const at::Tensor gram = at::mm(maps, maps.t()).contiguous();
+    const T* gp = gram.const_data_ptr<T>();
+    // d/d map x of sum_{x,y} go[x, y] O(x, y) = M @ maps - c * maps (cosine), M @ maps (dot).
+    at::Tensor coef = at::zeros({nz, nz}, maps.options()), along = at::zeros({nz, 1}, maps.options());
+    T* cp = coef.mutable_data_ptr<T>();
+    T* ap = along.mutable_data_ptr<T>();
+    for (int64_t x = 0; x < nz; ++x) {
+      const MapStats<T>& sx = stats[g * gr.P + active[x]];
+      for (int64_t y = 0; y < nz; ++y) {
+        const int64_t gx = (g * gr.P + active[x]) * gr.P + active[y], gy = (g * gr.P + active[y]) * gr.P + active[x];
+        const T gs = go[gx] + go[gy];
+        if (m == Measure::Dot) {
+          cp[x * nz + y] = gs;
+          continue;
+        }
+        const MapStats<T>& sy = stats[g * gr.P + active[y]];
+        const T den = sx.norm * sy.norm + eps;
+        cp[x * nz + y] = gs / den;
+        if (sx.norm > T(0)) ap[x] += gs * gp[x * nz + y] * sy.norm / (den * den * sx.norm);
+      }
+    }
+    const at::Tensor gmaps = (at::mm(coef, maps) - along * maps).contiguous();
+    const T* gm = gmaps.const_data_ptr<T>();
+    for (int64_t x = 0; x < nz; ++x) axpy(grad + g * gr.map_sG + active[x] * gr.map_sP, gm + x * in.N, T(1), in.N);
+    std::fill(go.begin() + g * gr.P * gr.P, go.begin() + (g + 1) * gr.P * gr.P, T(0));
+  }
 }
 
 at::Tensor attention_terms_cpu(const at::Tensor& logits, const at::Tensor& cams, const std::optional<at::Tensor>& labels,
@@ -202,6 +296,7 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
             if (p != r)
               go[(gi * gr.P + p) * gr.P + r] =
                   scale * q[gi * gr.q_sG + p * gr.q_sP] * q[gi * gr.q_sG + r * gr.q_sP] / den;
+      dense_groups_backward<T>(in, q, gr, m, e, go, gc);
       overlap_backward<T>(go.data(), c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, e, gc);
     };
     if (w.distinct != 0 && g_dist != T(0)) pair_grads(by_image(in), g_dist);
@@ -212,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
       const T scale = g_coh / (qsum + e);
       at::parallel_for(0, in.B * in.C, 8, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          if (q[i] != T(0)) map_variance_grad(c + i * in.N, gc + i * in.N, in.N, grid_h, grid_w, e, scale * q[i]);
+          if (q[i] != T(0) || !finite_map(map_stats(c + i * in.N, in.N)))  // 0 * NaN is NaN, as in the reference
+            map_variance_grad(c + i * in.N, gc + i * in.N, in.N, grid_h, grid_w, e, scale * q[i]);
       });
     }
   });

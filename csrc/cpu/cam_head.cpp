@@ -36,30 +36,41 @@ int64_t chunk_size(const at::Tensor& features) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / per_image);
 }
 
-// S[b] = W F[b], the GEMM done by ATen's BLAS on each chunk of converted features.
+// S[b] = W F[b], the GEMM done by ATen's BLAS on each image of a converted chunk
+// (BLAS reads F[b] as it lies: [K, N] for NCHW, transposed for channels-last and tokens).
 void scores_gemm(const at::Tensor& features, const at::Tensor& w, at::Tensor& scores) {
   const int64_t B = features.size(0), step = chunk_size(features);
   for (int64_t b0 = 0; b0 < B; b0 += step) {
     const int64_t b1 = std::min(B, b0 + step);
-    at::Tensor out = scores.slice(0, b0, b1);
-    at::matmul_out(out, w, chunk_as_acc(features, b0, b1, w.scalar_type()));
+    const at::Tensor fc = chunk_as_acc(features, b0, b1, w.scalar_type());
+    for (int64_t i = 0; i < b1 - b0; ++i) {
+      at::Tensor out = scores[b0 + i];
+      at::mm_out(out, w, fc[i]);
+    }
   }
 }
 
 // dF[b] = W^T G[b] (written once, in the features' dtype and strides) and dW = sum_b G[b] F[b]^T,
-// each chunk of features converted once for both.
+// each chunk of features converted once. dF[b] is computed in its own memory order
+// ([N, K] for channels-last and tokens), so that the conversion into it is a plain copy.
 void head_backward_gemm(const at::Tensor& features, const at::Tensor& w, const at::Tensor& g, at::Tensor& df,
                         at::Tensor& dw) {
   const int64_t B = features.size(0), step = chunk_size(features);
   const at::Tensor wt = w.t();
+  const bool channels_last = df.defined() && df.size(2) > 1 && df.stride(1) == 1;
   for (int64_t b0 = 0; b0 < B; b0 += step) {
     const int64_t b1 = std::min(B, b0 + step);
-    const at::Tensor gc = g.slice(0, b0, b1);
-    if (dw.defined()) {
-      const at::Tensor fc = chunk_as_acc(features, b0, b1, w.scalar_type());
-      for (int64_t i = 0; i < b1 - b0; ++i) dw.addmm_(gc[i], fc[i].t());
+    const at::Tensor fc = dw.defined() ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
+    for (int64_t i = 0; i < b1 - b0; ++i) {
+      const at::Tensor gi = g[b0 + i];
+      if (dw.defined()) dw.addmm_(gi, fc[i].t());
+      if (!df.defined()) continue;
+      if (channels_last) {
+        df[b0 + i].t().copy_(at::mm(gi.t(), w));  // [N, K]
+      } else {
+        df[b0 + i].copy_(at::mm(wt, gi));  // [K, N]
+      }
     }
-    if (df.defined()) df.slice(0, b0, b1).copy_(at::matmul(wt, gc));
   }
 }
 
