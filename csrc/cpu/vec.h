@@ -3,9 +3,6 @@
 // versions (the gradcheck path) are plain loops.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
 
 namespace fastcam::cpu {
@@ -22,22 +19,6 @@ inline double dot(const double* x, const double* y, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
   return s;
-}
-
-// dst[i] = float(src[i * stride]); src may be the destination type already.
-void load(const c10::BFloat16* src, int64_t stride, float* dst, int64_t n);
-void load(const c10::Half* src, int64_t stride, float* dst, int64_t n);
-void load(const float* src, int64_t stride, float* dst, int64_t n);
-inline void load(const double* src, int64_t stride, double* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
-}
-
-// dst[i * stride] = src[i], rounded to nearest even for the 16-bit types.
-void store(const float* src, c10::BFloat16* dst, int64_t stride, int64_t n);
-void store(const float* src, c10::Half* dst, int64_t stride, int64_t n);
-void store(const float* src, float* dst, int64_t stride, int64_t n);
-inline void store(const double* src, double* dst, int64_t stride, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i * stride] = src[i];
 }
 
 }  // namespace fastcam::cpu
