@@ -6,6 +6,12 @@ speed-up over the reference, on the SPEC §5 shapes.
 
 Wall-clock medians (CUDA-synchronized on a GPU); the pytest-benchmark suite next to this
 file measures the same step with statistics.
+
+The last columns bound what any backend can gain over the reference: "gemm ms" is the time
+of the three fp32 GEMMs the step cannot avoid (S = W F, dF = W^T G, dW = G F^T, on
+features already in fp32, torch.matmul on this device) and "max x" the reference's time
+over it, the speed-up of a backend whose GEMMs run as fast as the BLAS and whose every
+other cost is zero.
 """
 
 import argparse
@@ -31,6 +37,21 @@ def median_ms(fn, device, reps):
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def gemm_floor_ms(shape, device, reps):
+    """The three unavoidable fp32 GEMMs of one step at this shape."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(shape.B, shape.K, shape.N, generator=g).to(device)
+    w = torch.randn(shape.C, shape.K, generator=g).to(device)
+    grad = torch.randn(shape.B, shape.C, shape.N, generator=g).to(device)
+
+    def gemms():
+        torch.matmul(w, f)  # S
+        torch.matmul(w.t(), grad)  # dF
+        torch.matmul(grad, f.transpose(1, 2)).sum(0)  # dW
+
+    return median_ms(gemms, device, reps)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 2 4 8 on CPU)")
@@ -43,7 +64,7 @@ def main():
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | bf16 features, "
           f"fwd+bwd of attention_loss, median of {args.reps}")
     print(f"{'shape':24s} {'B':>4s} " + " ".join(f"{b + ' ms':>10s}" for b in backends)
-          + "".join(f" {b + ' x':>8s}" for b in backends if b != "torch"))
+          + "".join(f" {b + ' x':>8s}" for b in backends if b != "torch") + f" {'gemm ms':>9s} {'max x':>7s}")
     for batch in batches:
         for shape in SPEC_SHAPES:
             shape = shape if batch is None else shape.scaled(batch)
@@ -55,8 +76,10 @@ def main():
                     out.loss.backward()
 
                 times[name] = median_ms(step, device, args.reps)
+            floor = gemm_floor_ms(shape, device, args.reps)
             print(f"{shape.name:24s} {shape.B:4d} " + " ".join(f"{times[n]:10.3f}" for n in backends)
-                  + "".join(f" {times['torch'] / times[n]:8.2f}" for n in backends if n != "torch"))
+                  + "".join(f" {times['torch'] / times[n]:8.2f}" for n in backends if n != "torch")
+                  + f" {floor:9.3f} {times['torch'] / floor:7.2f}")
 
 
 if __name__ == "__main__":
