@@ -41,7 +41,7 @@ def want_cuda(setting: str | None) -> bool:
 
 
 def sources(csrc: str, cuda: bool) -> list[str]:
-    files = [os.path.join(csrc, "fastcam.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    files = sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     if cuda:
         files += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
     return files

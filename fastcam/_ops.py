@@ -1,5 +1,6 @@
-"""The compiled ops of ``fastcam._C`` (csrc/): their fake kernels, their autograd, and the
-backend they make (``backend="cpu"`` and ``backend="cuda"``).
+"""The compiled ops of ``fastcam._C`` (csrc/): their fake kernels, and the backend they make
+(``backend="cpu"`` and ``backend="cuda"``). Their autograd is in C++ (csrc/autograd.cpp);
+the backward ops' own autograd, registered here, raises: no double backward.
 
 Importing this module loads the extension first (fastcam/_ext.py).
 The functions at the bottom take the same validated arguments as those of
@@ -55,28 +56,6 @@ def _(grad_logits, grad_cams, features, weight, scores, cams, normalize, tempera
     )
 
 
-def _cam_head_setup(ctx, inputs, output):
-    features, weight, bias, normalize, temperature, eps = inputs
-    _, scores, cams = output
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(features, weight, scores, cams)
-    ctx.options = (normalize, temperature, eps)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _cam_head_backward(ctx, grad_logits, grad_scores, grad_cams):
-    features, weight, scores, cams = ctx.saved_tensors
-    need_f, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.bias_dtype is not None
-    if grad_logits is None and grad_cams is None:
-        return None, None, None, None, None, None
-    gf, gw, gb = ops.cam_head_backward(grad_logits, grad_cams, features, weight, scores, cams, *ctx.options,
-                                       [need_f, need_w, need_b])  # fmt: skip
-    return (gf if need_f else None, gw.to(weight.dtype) if need_w else None,
-            gb.to(ctx.bias_dtype) if need_b else None, None, None, None)  # fmt: skip
-
-
-torch.library.register_autograd("fastcam::cam_head", _cam_head_backward, setup_context=_cam_head_setup)
 _no_double_backward("cam_head_backward")
 
 
@@ -94,18 +73,6 @@ def _(grad, cams, measure, eps):
     return torch.empty_like(cams, memory_format=torch.contiguous_format)
 
 
-def _overlap_setup(ctx, inputs, output):
-    cams, measure, eps = inputs
-    ctx.save_for_backward(cams)
-    ctx.options = (measure, eps)
-
-
-def _overlap_backward(ctx, grad):
-    (cams,) = ctx.saved_tensors
-    return ops.pairwise_overlap_backward(grad, cams, *ctx.options), None, None
-
-
-torch.library.register_autograd("fastcam::pairwise_overlap", _overlap_backward, setup_context=_overlap_setup)
 _no_double_backward("pairwise_overlap_backward")
 
 
@@ -123,20 +90,6 @@ def _(grad_terms, logits, cams, labels, label_mask, measure, eps, predicted, gri
             torch.empty_like(cams, memory_format=torch.contiguous_format))  # fmt: skip
 
 
-def _terms_setup(ctx, inputs, output):
-    logits, cams, labels, label_mask, *options = inputs
-    ctx.save_for_backward(logits, cams, labels, label_mask)
-    ctx.options = options
-    ctx.logits_dtype = logits.dtype
-
-
-def _terms_backward(ctx, grad_terms):
-    logits, cams, labels, label_mask = ctx.saved_tensors
-    gl, gc = ops.attention_terms_backward(grad_terms, logits, cams, labels, label_mask, *ctx.options)
-    return gl.to(ctx.logits_dtype), gc, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastcam::attention_terms", _terms_backward, setup_context=_terms_setup)
 _no_double_backward("attention_terms_backward")
 
 

@@ -1,0 +1,164 @@
+// Autograd of the fastcam ops, in C++ (registered for the Autograd key, so for CPU and CUDA
+// alike): each forward op saves what its backward op needs, and the backward op computes
+// every input gradient in one call. Doing this in C++ rather than in Python keeps the
+// per-step overhead small. Double backward raises (fastcam/_ops.py registers the backward
+// ops' own autograd as an error), instead of returning wrong values.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fastcam {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Function;
+using torch::autograd::variable_list;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// ------------------------------------------------------------------------------ cam_head
+
+class CamHead : public Function<CamHead> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& weight,
+                               const OptTensor& bias, c10::string_view normalize, double temperature, double eps) {
+    static auto fwd = op<Tensor3(const at::Tensor&, const at::Tensor&, const OptTensor&, c10::string_view, double,
+                                 double)>("fastcam::cam_head");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [logits, scores, cams] = fwd.call(features, weight, bias, normalize, temperature, eps);
+    ctx->save_for_backward({features, weight, scores, cams});
+    ctx->saved_data["normalize"] = std::string(normalize);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? int64_t(bias->scalar_type()) : int64_t(-1);
+    ctx->mark_non_differentiable({scores});
+    ctx->set_materialize_grads(false);
+    return {logits, scores, cams};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<Tensor3(const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, c10::string_view, double, double,
+                                 std::array<bool, 3>)>("fastcam::cam_head_backward");
+    const auto saved = ctx->get_saved_variables();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_bias = bias_dtype >= 0;
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(2)};
+    variable_list out(6);
+    if (!grads[0].defined() && !grads[2].defined()) return out;
+    const std::string normalize = ctx->saved_data["normalize"].toStringRef();
+    auto [gf, gw, gb] = bwd.call(defined_or_none(grads[0]), defined_or_none(grads[2]), saved[0], saved[1], saved[2],
+                                 saved[3], normalize, ctx->saved_data["temperature"].toDouble(),
+                                 ctx->saved_data["eps"].toDouble(), mask);
+    if (mask[0]) out[0] = gf;
+    if (mask[1]) out[1] = gw.to(saved[1].scalar_type());
+    if (mask[2]) out[2] = gb.to(c10::ScalarType(bias_dtype));
+    return out;
+  }
+};
+
+Tensor3 cam_head_autograd(const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias,
+                          c10::string_view normalize, double temperature, double eps) {
+  auto out = CamHead::apply(features, weight, bias, normalize, temperature, eps);
+  return {out[0], out[1], out[2]};
+}
+
+// ---------------------------------------------------------------------- pairwise_overlap
+
+class PairwiseOverlap : public Function<PairwiseOverlap> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& cams, c10::string_view measure, double eps) {
+    static auto fwd = op<at::Tensor(const at::Tensor&, c10::string_view, double)>("fastcam::pairwise_overlap");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({cams});
+    ctx->saved_data["measure"] = std::string(measure);
+    ctx->saved_data["eps"] = eps;
+    return {fwd.call(cams, measure, eps)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
+        "fastcam::pairwise_overlap_backward");
+    const std::string measure = ctx->saved_data["measure"].toStringRef();
+    return {bwd.call(grads[0], ctx->get_saved_variables()[0], measure, ctx->saved_data["eps"].toDouble()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor pairwise_overlap_autograd(const at::Tensor& cams, c10::string_view measure, double eps) {
+  return PairwiseOverlap::apply(cams, measure, eps)[0];
+}
+
+// ----------------------------------------------------------------------- attention_terms
+
+using TermsSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                  c10::string_view, double, bool, int64_t, int64_t, c10::ArrayRef<double>);
+using TermsBackwardSignature = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                       const OptTensor&, c10::string_view, double, bool, int64_t, int64_t,
+                                       c10::ArrayRef<double>);
+
+class AttentionTerms : public Function<AttentionTerms> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& cams,
+                               const OptTensor& labels, const OptTensor& label_mask, c10::string_view measure,
+                               double eps, bool predicted, int64_t grid_h, int64_t grid_w,
+                               c10::ArrayRef<double> weights) {
+    static auto fwd = op<TermsSignature>("fastcam::attention_terms");
+    at::AutoDispatchBelowADInplaceOrView below;
+    const at::Tensor terms = fwd.call(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w,
+                                      weights);
+    ctx->save_for_backward({logits, cams, labels.value_or(at::Tensor()), label_mask.value_or(at::Tensor())});
+    ctx->saved_data["measure"] = std::string(measure);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["predicted"] = predicted;
+    ctx->saved_data["grid_h"] = grid_h;
+    ctx->saved_data["grid_w"] = grid_w;
+    ctx->saved_data["weights"] = std::vector<double>(weights.begin(), weights.end());
+    return {terms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<TermsBackwardSignature>("fastcam::attention_terms_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::string measure = ctx->saved_data["measure"].toStringRef();
+    const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
+    auto [gl, gc] = bwd.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]), defined_or_none(saved[3]),
+                             measure, ctx->saved_data["eps"].toDouble(), ctx->saved_data["predicted"].toBool(),
+                             ctx->saved_data["grid_h"].toInt(), ctx->saved_data["grid_w"].toInt(), weights);
+    variable_list out(10);
+    if (ctx->needs_input_grad(0)) out[0] = gl.to(saved[0].scalar_type());
+    if (ctx->needs_input_grad(1)) out[1] = gc;
+    return out;
+  }
+};
+
+at::Tensor attention_terms_autograd(const at::Tensor& logits, const at::Tensor& cams, const OptTensor& labels,
+                                    const OptTensor& label_mask, c10::string_view measure, double eps, bool predicted,
+                                    int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
+  return AttentionTerms::apply(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w,
+                               weights)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcam, Autograd, m) {
+  m.impl("cam_head", &cam_head_autograd);
+  m.impl("pairwise_overlap", &pairwise_overlap_autograd);
+  m.impl("attention_terms", &attention_terms_autograd);
+}
+
+}  // namespace fastcam
