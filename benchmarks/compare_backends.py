@@ -3,6 +3,7 @@ speed-up over the reference, on the SPEC §5 shapes.
 
     python benchmarks/compare_backends.py                 # CPU: batch 2, 4 and 8
     python benchmarks/compare_backends.py --batch 64      # any batch (the SPEC's on a GPU: --spec)
+    python benchmarks/compare_backends.py --tiny --reps 200   # the fixed cost of a step
 
 Wall-clock medians (CUDA-synchronized on a GPU); the pytest-benchmark suite next to this
 file measures the same step with statistics.
@@ -20,7 +21,7 @@ import time
 import torch
 
 import fastcam
-from fastcam.workloads import SPEC_SHAPES, make_inputs
+from fastcam.workloads import SPEC_SHAPES, Shape, make_inputs
 
 
 def median_ms(fn, device, reps):
@@ -57,6 +58,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 2 4 8 on CPU)")
     parser.add_argument("--spec", action="store_true", help="the SPEC's batch sizes")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--tiny", action="store_true",
+                        help="only a tiny shape (B=2, C=3, K=5, 2x2): the fixed cost of a step")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = [n for n, b in fastcam.backends().items() if b.usable and device in b.device_types]
@@ -65,8 +68,9 @@ def main():
           f"fwd+bwd of attention_loss, median of {args.reps}")
     print(f"{'shape':24s} {'B':>4s} " + " ".join(f"{b + ' ms':>10s}" for b in backends)
           + "".join(f" {b + ' x':>8s}" for b in backends if b != "torch") + f" {'gemm ms':>9s} {'max x':>7s}")
-    for batch in batches:
-        for shape in SPEC_SHAPES:
+    shapes = [Shape("tiny", 2, 3, 5, 2, 2)] if args.tiny else SPEC_SHAPES
+    for batch in batches if not args.tiny else [None]:
+        for shape in shapes:
             shape = shape if batch is None else shape.scaled(batch)
             f, w, b, labels, mask = make_inputs(shape, device=device)
             times = {}
