@@ -5,38 +5,14 @@
 
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/options.h"
 #include "overlap.h"
 
 namespace fastcam::cpu {
 namespace {
 
-struct Inputs {
-  at::Tensor logits, cams, labels, mask;  // logits [B, C], cams [B, C, N] contiguous, acc dtype
-  int64_t B, C, N;
-};
-
-Inputs prepare(const at::Tensor& logits, const at::Tensor& cams, const std::optional<at::Tensor>& labels,
-               const std::optional<at::Tensor>& label_mask) {
-  TORCH_CHECK(cams.dim() == 3 && logits.dim() == 2 && logits.size(0) == cams.size(0) &&
-                  logits.size(1) == cams.size(1),
-              "fastcam::attention_terms: logits must be [B, C] and cams [B, C, N], got ", logits.sizes(), " and ",
-              cams.sizes());
-  Inputs in;
-  in.cams = cams.contiguous();
-  in.logits = logits.to(in.cams.scalar_type()).contiguous();
-  in.B = cams.size(0), in.C = cams.size(1), in.N = cams.size(2);
-  if (labels.has_value()) {
-    in.labels = labels->to(in.cams.scalar_type()).contiguous();
-    TORCH_CHECK(in.labels.sizes() == logits.sizes(), "fastcam::attention_terms: labels must be [B, C]");
-    if (label_mask.has_value()) {
-      in.mask = label_mask->contiguous();
-      TORCH_CHECK(in.mask.scalar_type() == at::kBool && in.mask.sizes() == logits.sizes(),
-                  "fastcam::attention_terms: label_mask must be a bool [B, C] tensor");
-    }
-  }
-  return in;
-}
+using Inputs = TermsInputs;
 
 // Per-entry pair weights q and whether each entry's label is known.
 template <typename T>
@@ -203,7 +179,7 @@ void dense_groups_backward(const Inputs& in, const std::vector<T>& q, const Grou
 at::Tensor attention_terms_cpu(const at::Tensor& logits, const at::Tensor& cams, const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& label_mask, c10::string_view measure, double eps,
                                bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
-  const Inputs in = prepare(logits, cams, labels, label_mask);
+  const Inputs in = prepare_terms(logits, cams, labels, label_mask);
   const Measure m = parse_measure(std::string(measure));
   const TermWeights w = parse_weights(weights);
   at::Tensor out = at::zeros({5}, in.cams.options());
@@ -258,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
     const at::Tensor& grad_terms, const at::Tensor& logits, const at::Tensor& cams,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& label_mask, c10::string_view measure,
     double eps, bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
-  const Inputs in = prepare(logits, cams, labels, label_mask);
+  const Inputs in = prepare_terms(logits, cams, labels, label_mask);
   const Measure m = parse_measure(std::string(measure));
   const TermWeights w = parse_weights(weights);
   const at::Tensor gt = grad_terms.to(in.cams.scalar_type()).contiguous();

@@ -9,19 +9,11 @@
 #include <algorithm>
 
 #include "../common/map_math.h"
+#include "../common/checks.h"
 #include "../common/options.h"
 
 namespace fastcam::cpu {
 namespace {
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_head(const at::Tensor& features, const at::Tensor& weight) {
-  TORCH_CHECK(features.dim() == 3, "fastcam::cam_head: features must be a [B, K, N] view, got ", features.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1),
-              "fastcam::cam_head: weight must be [C, K] with K = ", features.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(features.size(2) > 0, "fastcam::cam_head: features have no positions");
-}
 
 // The images of features[b0:b1] as acc tensors [b, K, N]: a view when they already are,
 // else converted (a chunk at a time, so that the copy stays small and in cache).
@@ -78,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cpu(const at::Tensor& fe
                                                              const std::optional<at::Tensor>& bias,
                                                              c10::string_view normalize, double temperature,
                                                              double eps) {
-  check_head(features, weight);
+  check_head(features, weight, "fastcam::cam_head");
   const Normalize mode = parse_normalize(std::string(normalize));
   const auto acc = acc_type(features.scalar_type());
   const int64_t B = features.size(0), N = features.size(2), C = weight.size(0);
@@ -109,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
     const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_cams,
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& scores, const at::Tensor& cams,
     c10::string_view normalize, double temperature, double eps, std::array<bool, 3> output_mask) {
-  check_head(features, weight);
+  check_head(features, weight, "fastcam::cam_head");
   const Normalize mode = parse_normalize(std::string(normalize));
   const auto acc = acc_type(features.scalar_type());
   const int64_t B = features.size(0), K = features.size(1), N = features.size(2), C = weight.size(0);

@@ -2,20 +2,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/options.h"
 #include "overlap.h"
 
 namespace fastcam::cpu {
 namespace {
 
-void check_cams(const at::Tensor& cams) {
-  TORCH_CHECK(cams.dim() == 3, "fastcam::pairwise_overlap: cams must be [G, P, N], got ", cams.sizes());
-  TORCH_CHECK(cams.scalar_type() == at::kFloat || cams.scalar_type() == at::kDouble,
-              "fastcam::pairwise_overlap: cams must be float32 or float64, got ", cams.scalar_type());
-}
-
 at::Tensor pairwise_overlap_cpu(const at::Tensor& cams, c10::string_view measure, double eps) {
-  check_cams(cams);
+  check_cams(cams, "fastcam::pairwise_overlap");
   const Measure m = parse_measure(std::string(measure));
   const at::Tensor c = cams.contiguous();
   const int64_t G = c.size(0), P = c.size(1), N = c.size(2);
@@ -29,7 +24,7 @@ at::Tensor pairwise_overlap_cpu(const at::Tensor& cams, c10::string_view measure
 
 at::Tensor pairwise_overlap_backward_cpu(const at::Tensor& grad, const at::Tensor& cams, c10::string_view measure,
                                          double eps) {
-  check_cams(cams);
+  check_cams(cams, "fastcam::pairwise_overlap");
   const Measure m = parse_measure(std::string(measure));
   const at::Tensor c = cams.contiguous();
   const at::Tensor g = grad.to(c.scalar_type()).contiguous();

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "../common/checks.h"
 #include "../common/options.h"
 #include "binding.h"
 #include "launch.h"
@@ -20,38 +21,7 @@ namespace {
 
 constexpr const char* kOp = "fastcam::attention_terms";
 
-struct Inputs {
-  at::Tensor logits, cams, labels, mask;  // logits [B, C], cams [B, C, N] contiguous, acc dtype
-  int64_t B, C, N;
-};
-
-Inputs prepare(const at::Tensor& logits, const at::Tensor& cams, const std::optional<at::Tensor>& labels,
-               const std::optional<at::Tensor>& label_mask) {
-  TORCH_CHECK(cams.dim() == 3 && logits.dim() == 2 && logits.size(0) == cams.size(0) &&
-                  logits.size(1) == cams.size(1),
-              "fastcam::attention_terms: logits must be [B, C] and cams [B, C, N], got ", logits.sizes(), " and ",
-              cams.sizes());
-  TORCH_CHECK(cams.scalar_type() == at::kFloat || cams.scalar_type() == at::kDouble,
-              "fastcam::attention_terms: cams must be float32 or float64, got ", cams.scalar_type());
-  const at::Device device = cams.device();
-  check_device(logits, device, kOp, "logits");
-  Inputs in;
-  in.cams = cams.contiguous();
-  in.logits = logits.to(in.cams.scalar_type()).contiguous();
-  in.B = cams.size(0), in.C = cams.size(1), in.N = cams.size(2);
-  if (labels.has_value()) {
-    check_device(*labels, device, kOp, "labels");
-    in.labels = labels->to(in.cams.scalar_type()).contiguous();
-    TORCH_CHECK(in.labels.sizes() == logits.sizes(), "fastcam::attention_terms: labels must be [B, C]");
-    if (label_mask.has_value()) {
-      check_device(*label_mask, device, kOp, "label_mask");
-      in.mask = label_mask->contiguous();
-      TORCH_CHECK(in.mask.scalar_type() == at::kBool && in.mask.sizes() == logits.sizes(),
-                  "fastcam::attention_terms: label_mask must be a bool [B, C] tensor");
-    }
-  }
-  return in;
-}
+using Inputs = TermsInputs;
 
 TermsArgs terms_args(const Inputs& in, c10::string_view measure, double eps, bool predicted, int64_t grid_h,
                      int64_t grid_w, c10::ArrayRef<double> weights) {
@@ -79,7 +49,7 @@ at::Tensor attention_terms_cuda(const at::Tensor& logits, const at::Tensor& cams
                                 c10::string_view measure, double eps, bool predicted, int64_t grid_h, int64_t grid_w,
                                 c10::ArrayRef<double> weights) {
   const c10::cuda::CUDAGuard guard(cams.device());
-  const Inputs in = prepare(logits, cams, labels, label_mask);
+  const Inputs in = prepare_terms(logits, cams, labels, label_mask);
   const TermsArgs a = terms_args(in, measure, eps, predicted, grid_h, grid_w, weights);
   at::Tensor out = at::zeros({5}, in.cams.options());
   const at::Tensor ws = workspace(attention_terms_workspace_bytes(a, false), in.cams);
@@ -93,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cuda(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& label_mask, c10::string_view measure,
     double eps, bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
   const c10::cuda::CUDAGuard guard(cams.device());
-  const Inputs in = prepare(logits, cams, labels, label_mask);
+  const Inputs in = prepare_terms(logits, cams, labels, label_mask);
   const TermsArgs a = terms_args(in, measure, eps, predicted, grid_h, grid_w, weights);
   check_device(grad_terms, cams.device(), "fastcam::attention_terms_backward", "grad_terms");
   const at::Tensor gt = grad_terms.to(in.cams.scalar_type()).contiguous();

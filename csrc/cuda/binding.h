@@ -4,11 +4,10 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../common/checks.h"
 #include "launch.h"
 
 namespace fastcam::cuda {
-
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The launchers' tag of a features dtype; other dtypes are refused with a message naming `op`.
 inline DType dtype_tag(at::ScalarType t, const char* op) {
@@ -28,13 +27,6 @@ inline DType dtype_tag(at::ScalarType t, const char* op) {
 
 inline FeatureView feature_view(const at::Tensor& t, DType dtype) {
   return {t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2), dtype};
-}
-
-// `t` (when defined) must be a CUDA tensor on `device`.
-inline void check_device(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
-  if (!t.defined()) return;
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the other inputs, got ",
-              t.device());
 }
 
 // A scratch buffer of `bytes` bytes on the device of `like` (stream-ordered caching allocator).

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "../common/checks.h"
 #include "../common/options.h"
 #include "binding.h"
 #include "launch.h"
@@ -21,14 +22,11 @@ namespace {
 // [B, K, N] with N contiguous (NCHW) or K contiguous (channels_last, tokens).
 bool positions_contiguous(const at::Tensor& f) { return f.stride(2) == 1 || f.size(2) == 1; }
 
+// The common checks, and the layouts the kernels read: stride 1 along N or along K.
 void check_head(const at::Tensor& features, const at::Tensor& weight) {
-  TORCH_CHECK(features.dim() == 3, "fastcam::cam_head: features must be a [B, K, N] view, got ", features.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1),
-              "fastcam::cam_head: weight must be [C, K] with K = ", features.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(features.size(2) > 0, "fastcam::cam_head: features have no positions");
+  fastcam::check_head(features, weight, "fastcam::cam_head");
   TORCH_CHECK(positions_contiguous(features) || features.stride(1) == 1 || features.size(1) == 1,
               "fastcam::cam_head: features need stride 1 along N or along K, got strides ", features.strides());
-  check_device(weight, features.device(), "fastcam::cam_head", "weight");
 }
 
 // An acc [B, C, N] input of the backward, contiguous.

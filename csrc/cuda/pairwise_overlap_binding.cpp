@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "../common/checks.h"
 #include "../common/options.h"
 #include "binding.h"
 #include "launch.h"
@@ -15,14 +16,8 @@
 namespace fastcam::cuda {
 namespace {
 
-void check_cams(const at::Tensor& cams) {
-  TORCH_CHECK(cams.dim() == 3, "fastcam::pairwise_overlap: cams must be [G, P, N], got ", cams.sizes());
-  TORCH_CHECK(cams.scalar_type() == at::kFloat || cams.scalar_type() == at::kDouble,
-              "fastcam::pairwise_overlap: cams must be float32 or float64, got ", cams.scalar_type());
-}
-
 at::Tensor pairwise_overlap_cuda(const at::Tensor& cams, c10::string_view measure, double eps) {
-  check_cams(cams);
+  check_cams(cams, "fastcam::pairwise_overlap");
   const Measure m = parse_measure(std::string(measure));
   const c10::cuda::CUDAGuard guard(cams.device());
   const at::Tensor c = cams.contiguous();
@@ -38,7 +33,7 @@ at::Tensor pairwise_overlap_cuda(const at::Tensor& cams, c10::string_view measur
 
 at::Tensor pairwise_overlap_backward_cuda(const at::Tensor& grad, const at::Tensor& cams, c10::string_view measure,
                                           double eps) {
-  check_cams(cams);
+  check_cams(cams, "fastcam::pairwise_overlap");
   const Measure m = parse_measure(std::string(measure));
   check_device(grad, cams.device(), "fastcam::pairwise_overlap_backward", "grad");
   const c10::cuda::CUDAGuard guard(cams.device());
