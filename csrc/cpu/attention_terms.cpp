@@ -113,7 +113,7 @@ T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr
     }
     dense_sum[g] = T(2) * sum;
   }
-  at::parallel_for(0, gr.G * gr.P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, gr.G * gr.P, grain(gr.P * in.N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / gr.P, p = i % gr.P;
       if (dense[g]) continue;
@@ -215,7 +215,7 @@ at::Tensor attention_terms_cpu(const at::Tensor& logits, const at::Tensor& cams,
     if (w.coherence != 0) {
       const T* c = in.cams.const_data_ptr<T>();
       std::vector<T> var(in.B * in.C);
-      at::parallel_for(0, in.B * in.C, 8, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, in.B * in.C, grain(8 * in.N), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) var[i] = map_variance(c + i * in.N, in.N, grid_h, grid_w, e);
       });
       T num = 0, den = 0;
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
       T qsum = 0;
       for (int64_t i = 0; i < in.B * in.C; ++i) qsum += q[i];
       const T scale = g_coh / (qsum + e);
-      at::parallel_for(0, in.B * in.C, 8, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, in.B * in.C, grain(8 * in.N), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
           if (q[i] != T(0) || !finite_map(map_stats(c + i * in.N, in.N)))  // 0 * NaN is NaN, as in the reference
             map_variance_grad(c + i * in.N, gc + i * in.N, in.N, grid_h, grid_w, e, scale * q[i]);

@@ -7,25 +7,45 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <vector>
 
 #include "../common/map_math.h"
 #include "../common/checks.h"
 #include "../common/options.h"
+#include "parallel.h"
 
 namespace fastcam::cpu {
 namespace {
 
-// The images of features[b0:b1] as acc tensors [b, K, N]: a view when they already are,
-// else converted (a chunk at a time, so that the copy stays small and in cache).
-at::Tensor chunk_as_acc(const at::Tensor& features, int64_t b0, int64_t b1, at::ScalarType acc) {
-  const at::Tensor chunk = features.slice(0, b0, b1);
-  return chunk.scalar_type() == acc ? chunk : chunk.to(acc);
+// A scratch buffer of this thread, kept between calls and grown as needed: fresh large
+// allocations cost a page fault per 4 KiB on first touch, more than the conversions written
+// into them. slot 0: converted features; slot 1: one image's dF before its conversion.
+at::Tensor scratch(int slot, int64_t numel, at::ScalarType dtype) {
+  thread_local std::array<at::Tensor, 2> buffers;
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) buf = at::empty({numel}, at::dtype(dtype));
+  return buf;
 }
 
-// Images per chunk: about 2^20 converted values at a time.
+// The images of features[b0:b1] as acc tensors [b, K, N] with the features' strides: a view
+// when they already are acc, else converted into the scratch buffer.
+at::Tensor chunk_as_acc(const at::Tensor& features, int64_t b0, int64_t b1, at::ScalarType acc) {
+  const at::Tensor chunk = features.slice(0, b0, b1);
+  if (chunk.scalar_type() == acc) return chunk;
+  if (!chunk.is_non_overlapping_and_dense()) return chunk.to(acc);
+  std::vector<int64_t> strides(chunk.strides().begin(), chunk.strides().end());
+  strides[0] = chunk.size(1) * chunk.size(2);  // the images packed one after the other
+  at::Tensor out = scratch(0, chunk.numel(), acc).as_strided(chunk.sizes(), strides, 0);
+  out.copy_(chunk);
+  return out;
+}
+
+// Images per chunk: about 2^18 converted values (1 MiB of fp32) at a time, so that the
+// converted chunk is still in the L2 cache when BLAS reads it.
 int64_t chunk_size(const at::Tensor& features) {
   const int64_t per_image = std::max<int64_t>(1, features.size(1) * features.size(2));
-  return std::max<int64_t>(1, (int64_t(1) << 20) / per_image);
+  return std::max<int64_t>(1, (int64_t(1) << 18) / per_image);
 }
 
 // S[b] = W F[b], the GEMM done by ATen's BLAS on each image of a converted chunk
@@ -57,10 +77,16 @@ void head_backward_gemm(const at::Tensor& features, const at::Tensor& w, const a
       const at::Tensor gi = g[b0 + i];
       if (dw.defined()) dw.addmm_(gi, fc[i].t());
       if (!df.defined()) continue;
+      const int64_t K = w.size(1), N = gi.size(1);
+      at::Tensor product = scratch(1, K * N, w.scalar_type());
       if (channels_last) {
-        df[b0 + i].t().copy_(at::mm(gi.t(), w));  // [N, K]
+        product = product.narrow(0, 0, N * K).view({N, K});
+        at::mm_out(product, gi.t(), w);
+        df[b0 + i].t().copy_(product);
       } else {
-        df[b0 + i].copy_(at::mm(wt, gi));  // [K, N]
+        product = product.narrow(0, 0, K * N).view({K, N});
+        at::mm_out(product, wt, gi);
+        df[b0 + i].copy_(product);
       }
     }
   }
@@ -85,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cpu(const at::Tensor& fe
     const acc_t* bp = bvec.defined() ? bvec.const_data_ptr<acc_t>() : nullptr;
     acc_t* cp = cams.mutable_data_ptr<acc_t>();
     acc_t* lp = logits.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
       for (int64_t map = begin; map < end; ++map) {
         acc_t total = 0;
         for (int64_t n = 0; n < N; ++n) total += s[map * N + n];
@@ -122,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
     const acc_t* gcp = gc.defined() ? gc.const_data_ptr<acc_t>() : nullptr;
     const acc_t* sp = s.const_data_ptr<acc_t>();
     const acc_t* cp = cm.const_data_ptr<acc_t>();
-    at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
       for (int64_t map = begin; map < end; ++map) {
         acc_t* out = gp + map * N;
         if (gcp) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/map_math.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace fastcam::cpu {
@@ -47,7 +48,7 @@ bool finite_map(const MapStats<T>& s) {
 template <typename T>
 std::vector<MapStats<T>> all_map_stats(const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP) {
   std::vector<MapStats<T>> stats(G * P);
-  at::parallel_for(0, G * P, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G * P, grain(2 * N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) stats[i] = map_stats(cams + (i / P) * sG + (i % P) * sP, N);
   });
   return stats;
@@ -58,7 +59,7 @@ template <typename T>
 void overlap_forward(const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP, Measure m, T eps,
                      T* out) {
   const auto stats = all_map_stats(cams, G, P, N, sG, sP);
-  at::parallel_for(0, G * P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G * P, grain(P * N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / P, p = i % P;
       const T* a = cams + g * sG + p * sP;
@@ -77,7 +78,7 @@ template <typename T>
 void overlap_backward(const T* gout, const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP,
                       Measure m, T eps, T* grad) {
   const auto stats = all_map_stats(cams, G, P, N, sG, sP);
-  at::parallel_for(0, G * P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G * P, grain(P * N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / P, p = i % P;
       const T* a = cams + g * sG + p * sP;
