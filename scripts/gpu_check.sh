@@ -3,12 +3,13 @@
 #   1. builds fastcam._C here with its CUDA kernels (a binary built elsewhere will not load);
 #   2. runs the whole test suite on every usable backend, CUDA tensors included;
 #   3. runs compute-sanitizer memcheck on a small fwd+bwd of every CUDA op;
-#   4. prints the benchmark table.
+#   4. prints the benchmark tables (backends side by side; pytest-benchmark).
+# It is sized for a few minutes on one H100/H200 (build for the card's arch only).
 # Everything it prints also lands in $OUT (default gpu-check/), for BENCHMARKS.md.
 # Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 status=0
@@ -59,7 +60,8 @@ else
 fi
 
 step "benchmarks"
-$PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=min,median,iqr \
+$PYTHON benchmarks/compare_backends.py --spec --reps 20 2>&1 | tee "$OUT/compare_backends.txt"
+$PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-max-time=0.25 --benchmark-columns=min,median,iqr \
   --benchmark-json "$OUT/benchmarks.json" 2>&1 | tee "$OUT/benchmarks.txt" | grep -vE "^(\.|$)" | tail -80
 
 exit $status
