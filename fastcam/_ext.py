@@ -37,7 +37,7 @@ def load_extension():
         except Exception as jit_exc:  # noqa: BLE001 - any build failure becomes the reason
             return None, (f"the compiled extension fastcam._C is not built ({exc}) and building it on first "
                           f"use failed ({jit_exc}); build it with `pip install --no-build-isolation -e .`")  # fmt: skip
-    importlib.import_module("fastcam._ops")  # fake kernels and autograd of the ops
+    importlib.import_module("fastcam._ops")  # the ops' fake kernels
     info = dict(item.split("=", 1) for item in torch.ops.fastcam.build_info().split())
     return info, None
 

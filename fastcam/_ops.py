@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 
 from fastcam._ext import load_extension
+from fastcam.reference import accumulation_dtype as _acc
 
 if load_extension()[0] is None:
     raise ImportError(f"fastcam._ops needs the compiled extension: {load_extension()[1]}")
 
 ops = torch.ops.fastcam
 TERM_NAMES = ("loss", "bce", "distinct", "consist", "coherence")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _no_double_backward(op: str):
