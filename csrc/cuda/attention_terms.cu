@@ -107,19 +107,26 @@ __device__ T pair_weight_total(const T* q, const Grouping& gr) {
 }
 
 // *res = sum w O / (sum w + eps) (distinctiveness) or sum w (1 - O) / (sum w + eps)
-// (consistency), w the off-diagonal pair weights, O the overlaps [G, P, P].
+// (consistency), w the off-diagonal pair weights, O the overlaps [G, P, P]. As on the CPU, a
+// pair of zero weight is left out unless one of its maps is not finite (stats [G * P]), so
+// that a zero weight never meets the NaN of an overlap of finite maps (eps = 0, a zero map).
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    pair_term_kernel(const T* __restrict__ o, const T* __restrict__ q, Grouping gr, T eps, bool consist,
-                     T* __restrict__ res) {
+    pair_term_kernel(const T* __restrict__ o, const T* __restrict__ q, const MapStats<T>* __restrict__ stats,
+                     Grouping gr, T eps, bool consist, T* __restrict__ res) {
   const T den = pair_weight_total(q, gr);
   T part = 0;
   for (int64_t i = threadIdx.x; i < gr.G * gr.P; i += kReduceThreads) {
     const int64_t g = i / gr.P, p = i % gr.P;
     const T qp = q[g * gr.q_sG + p * gr.q_sP];
     const T* op = o + (g * gr.P + p) * gr.P;
-    for (int64_t r = 0; r < gr.P; ++r)
-      if (r != p) part += qp * q[g * gr.q_sG + r * gr.q_sP] * op[r];
+    const bool finite_p = finite_map(stats[i]);
+    for (int64_t r = 0; r < gr.P; ++r) {
+      if (r == p) continue;
+      const T w = qp * q[g * gr.q_sG + r * gr.q_sP];
+      if (w == T(0) && finite_p && finite_map(stats[g * gr.P + r])) continue;
+      part += w * op[r];
+    }
   }
   const T weighted = block_sum<kReduceThreads>(part);
   // sum v (1 - O) = sum v - sum v O
@@ -188,17 +195,17 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // d/dO[g, p, r] of the term is scale q[g, p] q[g, r] / den off the diagonal (the CPU's go),
-// and a map's gradient weight for the pair (p, r) is go[p, r] + go[r, p]. Zero when the
-// term's gradient is zero, so that the pair is skipped as on the CPU.
+// and a map's gradient weight for the pair (p, r) is go[p, r] + go[r, p]. When the term's
+// gradient is zero the whole term is skipped (skip()), as on the CPU.
 template <typename T>
 struct PairWeight {
   const T* q;
   int64_t q_sG, q_sP;
   const T* scalars;  // [scale, den], on the device
+  __device__ __forceinline__ bool skip() const { return scalars[0] == T(0); }
   __device__ __forceinline__ T operator()(int64_t g, int64_t p, int64_t r) const {
     if (p == r) return T(0);
     const T scale = scalars[0];
-    if (scale == T(0)) return T(0);
     const T den = scalars[1];
     const T qp = q[g * q_sG + p * q_sP], qr = q[g * q_sG + r * q_sP];
     return scale * qp * qr / den + scale * qr * qp / den;
@@ -226,8 +233,12 @@ __global__ void variance_grad_kernel(const T* __restrict__ cams, const T* __rest
                                      T* __restrict__ gc) {
   const T g_coh = scalars[0], scale = scalars[1];
   if (g_coh == T(0)) return;
-  for (int64_t i = global_index(); i < maps; i += global_stride())
-    if (q[i] != T(0)) map_variance_grad(cams + i * N, gc + i * N, N, grid_h, grid_w, eps, scale * q[i]);
+  for (int64_t i = global_index(); i < maps; i += global_stride()) {
+    const T* a = cams + i * N;
+    // A zero weight is skipped only for a finite map: 0 * NaN is NaN, as on the CPU and in the reference.
+    if (q[i] != T(0) || !finite_map(map_stats(a, N)))
+      map_variance_grad(a, gc + i * N, N, grid_h, grid_w, eps, scale * q[i]);
+  }
 }
 
 }  // namespace
@@ -266,7 +277,7 @@ cudaError_t attention_terms_forward(const TermsArgs& a, void* terms, void* works
       const cudaError_t err = launch_overlap_forward<T>(cams, gr.G, gr.P, a.N, gr.map_sG, gr.map_sP, a.measure, e,
                                                         ws.stats, ws.overlaps, stream);
       if (err != cudaSuccess) return err;
-      pair_term_kernel<T><<<1, kReduceThreads, 0, stream>>>(ws.overlaps, ws.q, gr, e, consist,
+      pair_term_kernel<T><<<1, kReduceThreads, 0, stream>>>(ws.overlaps, ws.q, ws.stats, gr, e, consist,
                                                             res + (consist ? 3 : 2));
       FC_RETURN_IF_LAUNCH_ERROR();
       return cudaSuccess;

@@ -40,19 +40,29 @@ __global__ void overlap_forward_kernel(const T* __restrict__ cams, int64_t G, in
   }
 }
 
-// grad[map p] += sum_q weight(g, p, q) * d overlap(map p, map q) / d map p, skipping zero
-// weights (as the CPU kernel does, so that a zero weight never meets a NaN). A thread per map.
+// A map whose sums are not finite (NaN or Inf inside): its pairs are never skipped for a
+// zero weight, since 0 * NaN is NaN in the reference too (csrc/cpu/overlap.h's finite_map).
+template <typename T>
+__device__ __forceinline__ bool finite_map(const MapStats<T>& s) {
+  return isfinite(s.sum) && isfinite(s.norm);
+}
+
+// grad[map p] += sum_q weight(g, p, q) * d overlap(map p, map q) / d map p, skipping a zero
+// weight only when both maps are finite (as the CPU kernel does: a non-finite map's NaN must
+// reach the gradient, as in the reference), and everything when weight.skip() (the CPU does
+// not run the term at all). A thread per map.
 template <typename T, typename Weight>
 __global__ void overlap_backward_kernel(Weight weight, const T* __restrict__ cams, int64_t G, int64_t P, int64_t N,
                                         int64_t sG, int64_t sP, Measure m, T eps,
                                         const MapStats<T>* __restrict__ stats, T* __restrict__ grad) {
+  if (weight.skip()) return;
   for (int64_t i = global_index(); i < G * P; i += global_stride()) {
     const int64_t g = i / P, p = i % P;
     const T* a = cams + g * sG + p * sP;
     T* ga = grad + g * sG + p * sP;
     for (int64_t q = 0; q < P; ++q) {
       const T w = weight(g, p, q);
-      if (w == T(0)) continue;
+      if (w == T(0) && finite_map(stats[i]) && finite_map(stats[g * P + q])) continue;
       overlap_pair_grad_a(a, cams + g * sG + q * sP, ga, N, m, eps, w, stats[i], stats[g * P + q]);
     }
   }
@@ -63,6 +73,7 @@ template <typename T>
 struct GradOutWeight {
   const T* gout;  // [G, P, P] contiguous
   int64_t P;
+  __device__ __forceinline__ bool skip() const { return false; }
   __device__ __forceinline__ T operator()(int64_t g, int64_t p, int64_t q) const {
     return gout[(g * P + p) * P + q] + gout[(g * P + q) * P + p];
   }
