@@ -208,7 +208,8 @@ def cam_head(
             ``[C, K]`` and ``[C]`` (or None).
         normalize: ``"none"``, ``"max"``, ``"sum"``, ``"l2"`` or ``"softmax"``.
         temperature: of the ``"softmax"`` normalization.
-        eps: added to every normalizing denominator.
+        eps: added to every normalizing denominator; > 0, so that an all-zero map
+            normalizes and overlaps to 0 instead of 0/0.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
@@ -220,7 +221,7 @@ def cam_head(
     _check_head(features, weight, bias)
     _check_choice("normalize", normalize, NORMALIZE_MODES)
     temperature = _check_number("temperature", temperature, positive=True)
-    eps = _check_number("eps", eps)
+    eps = _check_number("eps", eps, positive=True)
     device = _check_same_device(features=features, weight=weight, bias=bias)
     impl = _implementation(resolve_backend(backend, device))
     return impl.cam_head(features, weight, bias, normalize, temperature, eps)
@@ -241,7 +242,7 @@ def pairwise_overlap(
     if math.prod(cams.shape[2:]) == 0:
         raise ValueError(f"cams have no positions (N=0): cams {_shape(cams)}")
     _check_choice("measure", measure, MEASURES)
-    eps = _check_number("eps", eps)
+    eps = _check_number("eps", eps, positive=True)
     impl = _implementation(resolve_backend(backend, cams.device))
     return impl.pairwise_overlap(cams, measure, eps)
 
@@ -294,7 +295,7 @@ def attention_loss(
     lambda_consist = _check_number("lambda_consist", lambda_consist)
     lambda_coherence = _check_number("lambda_coherence", lambda_coherence)
     temperature = _check_number("temperature", temperature, positive=True)
-    eps = _check_number("eps", eps)
+    eps = _check_number("eps", eps, positive=True)
     classification = _check_flag("classification", classification)
     gather = _check_flag("gather", gather)
     grid = _check_grid(features, grid)

@@ -225,3 +225,27 @@ def test_many_classes_and_images_match_the_reference(backend, device, measure, u
     for name, got, want in zip(("distinct", "consist", "coherence", "loss", "grad features", "grad weight",
                                 "grad bias"), run(backend), run("torch")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_nan_reaches_values_and_gradients_as_in_the_reference(backend, device, measure):
+    """A NaN feature of an image whose pairs all weigh 0 still makes the terms and the
+    gradients NaN exactly where the reference's 0 * NaN does."""
+    feats, weight, bias = make_head_inputs("nchw", B=3, C=4, K=5, H=2, W=3, device=device, seed=41)
+    feats[1, 2, 0, 1] = float("nan")
+    labels = torch.zeros(3, 4, dtype=torch.float64, device=device)
+    labels[0, :2] = 1.0
+    labels[2, 1:] = 1.0
+    kw = dict(measure=measure, lambda_distinct=1.0, lambda_consist=0.5, lambda_coherence=0.5, unlabeled="ignore",
+              classification=False)
+
+    def run(be):
+        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, labels, backend=be, **kw)
+        grads = torch.autograd.grad(out.loss, (f, w, b), allow_unused=True, materialize_grads=True)
+        return (out.distinct, out.consist, out.coherence, out.loss, *grads)
+
+    for got, want in zip(run(backend), run("torch")):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        torch.testing.assert_close(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0),
+                                   rtol=1e-10, atol=1e-12)

@@ -36,7 +36,7 @@ def test_without_bias(backend, device, layout):
     torch.testing.assert_close(cams.cpu().flatten(2), naive_cam_head(feats.cpu(), weight.cpu(), None, "l2")[1])
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.5])
+@pytest.mark.parametrize("eps", [1e-3, 0.5])
 def test_eps_enters_the_denominator(backend, device, eps):
     feats, weight, bias = make_head_inputs("nchw", device=device, seed=3)
     _, cams = fastcam.cam_head(feats, weight, bias, normalize="sum", eps=eps, backend=backend)

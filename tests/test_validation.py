@@ -316,7 +316,8 @@ OPTION_CASES = [
     ("temperature-nan", HEAD_ENTRIES, with_(temperature=NAN), ValueError, r"temperature"),
     ("temperature-inf", HEAD_ENTRIES, with_(temperature=INF), ValueError, r"temperature"),
     ("temperature-str", HEAD_ENTRIES, with_(temperature="1"), TypeError, r"temperature"),
-    ("eps-negative", HEAD_ENTRIES, with_(eps=-1e-6), ValueError, r"eps .*>= 0"),
+    ("eps-negative", HEAD_ENTRIES, with_(eps=-1e-6), ValueError, r"eps .*> 0"),
+    ("eps-zero", HEAD_ENTRIES, with_(eps=0.0), ValueError, r"eps .*> 0"),
     ("eps-nan", HEAD_ENTRIES, with_(eps=NAN), ValueError, r"eps"),
     ("measure-unknown", LOSS_ENTRIES, with_(measure="iou"), ValueError, r"measure .*'iou'"),
     ("measure-None", LOSS_ENTRIES, with_(measure=None), ValueError, r"measure .*None"),
@@ -374,7 +375,7 @@ def test_good_options_are_accepted(entry):
     inp = default_inputs()
     for case in (with_(grid=(H, W), lambda_coherence=1.0), with_(grid=[H, W], lambda_coherence=1.0),
                  with_(features=tokens, grid=(H, W), lambda_coherence=1.0), with_(features=tokens),
-                 with_(eps=0.0, lambda_distinct=0, lambda_consist=2, temperature=3, normalize="softmax"),
+                 with_(eps=1e-3, lambda_distinct=0, lambda_consist=2, temperature=3, normalize="softmax"),
                  with_(classification=False, gather=True, unlabeled="ignore", measure="dice")):
         assert torch.isfinite(loss_of(entry, case(inp)))
 
@@ -400,6 +401,7 @@ OVERLAP_CASES = [
     ("measure-unknown", lambda: (_cams(), {"measure": "jaccard"}), ValueError, r"measure .*'jaccard'"),
     ("measure-None", lambda: (_cams(), {"measure": None}), ValueError, r"measure .*None"),
     ("eps-negative", lambda: (_cams(), {"eps": -1.0}), ValueError, r"eps"),
+    ("eps-zero", lambda: (_cams(), {"eps": 0.0}), ValueError, r"eps .*> 0"),
     ("eps-nan", lambda: (_cams(), {"eps": NAN}), ValueError, r"eps"),
     ("eps-str", lambda: (_cams(), {"eps": "1e-6"}), TypeError, r"eps"),
     ("backend-unknown", lambda: (_cams(), {"backend": "gpu"}), ValueError, r"backend .*'gpu'"),

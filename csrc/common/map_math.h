@@ -3,7 +3,7 @@
 // Everything here works on one map (N contiguous values) or one pair of maps, in the
 // accumulation type T (float or double), and is written so that NaN propagates as in
 // PyTorch: relu(NaN) = NaN, min/max with NaN = NaN. Gradients follow PyTorch's
-// conventions: relu passes the gradient where its input is > 0; min/max split it equally
+// conventions: relu passes the gradient where its input is not <= 0 (NaN passes); min/max split it equally
 // on ties; amax splits it equally among the tied maxima; the norm's gradient at 0 is 0.
 #pragma once
 
@@ -91,14 +91,14 @@ FC_HD void normalize_backward(const T* gc, const T* s, const T* cam, T* gs, int6
     return;
   }
   if (mode == Normalize::None) {
-    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] > T(0) ? gc[i] : T(0);
+    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] <= T(0) ? T(0) : gc[i];
     return;
   }
   if (mode == Normalize::Sum) {
     T total = 0;
     for (int64_t i = 0; i < n; ++i) total += relu(s[i]);
     const T den = total + eps;
-    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] > T(0) ? (gc[i] - dot) / den : T(0);
+    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] <= T(0) ? T(0) : (gc[i] - dot) / den;
     return;
   }
   if (mode == Normalize::L2) {
@@ -107,7 +107,7 @@ FC_HD void normalize_backward(const T* gc, const T* s, const T* cam, T* gs, int6
     const T norm = std::sqrt(total);
     const T den = norm + eps;
     const T along = norm > T(0) ? dot / norm : T(0);
-    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] > T(0) ? gc[i] / den - along * cam[i] : T(0);
+    for (int64_t i = 0; i < n; ++i) gs[i] = s[i] <= T(0) ? T(0) : gc[i] / den - along * cam[i];
     return;
   }
   // Max: the gradient through the max goes to the tied maxima in equal shares.
@@ -119,7 +119,7 @@ FC_HD void normalize_backward(const T* gc, const T* s, const T* cam, T* gs, int6
   const T through_max = ties > T(0) ? dot / den / ties : T(0);
   for (int64_t i = 0; i < n; ++i) {
     const T g = gc[i] / den - (relu(s[i]) == mx ? through_max : T(0));
-    gs[i] = s[i] > T(0) ? g : T(0);
+    gs[i] = s[i] <= T(0) ? T(0) : g;  // NaN passes, as in relu's backward
   }
 }
 
