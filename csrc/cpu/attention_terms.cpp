@@ -139,10 +139,8 @@ T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr
 // (the weight of overlap(p, r) in the loss); their block of go is zeroed, done.
 template <typename T>
 void dense_groups_backward(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps,
-                           std::vector<T>& go, T* grad) {
+                           const std::vector<MapStats<T>>& stats, std::vector<T>& go, T* grad) {
   if (!gemm_measure(m)) return;
-  const T* cams = in.cams.const_data_ptr<T>();
-  const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
   for (int64_t g = 0; g < gr.G; ++g) {
     const auto active = active_maps(q, stats, gr, g);
     const int64_t nz = int64_t(active.size());
@@ -272,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
             if (p != r)
               go[(gi * gr.P + p) * gr.P + r] =
                   scale * q[gi * gr.q_sG + p * gr.q_sP] * q[gi * gr.q_sG + r * gr.q_sP] / den;
-      dense_groups_backward<T>(in, q, gr, m, e, go, gc);
-      overlap_backward<T>(go.data(), c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, e, gc);
+      const auto stats = all_map_stats(c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
+      dense_groups_backward<T>(in, q, gr, m, e, stats, go, gc);
+      overlap_backward<T>(go.data(), c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, e, gc, &stats);
     };
     if (w.distinct != 0 && g_dist != T(0)) pair_grads(by_image(in), g_dist);
     if (w.consist != 0 && g_cons != T(0)) pair_grads(by_class(in), -g_cons);

@@ -74,10 +74,11 @@ void overlap_forward(const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG,
 
 // grad[map p] += sum_q (gout[g, p, q] + gout[g, q, p]) * d overlap(map p, map q) / d map p.
 // Each task owns one map's gradient: no races, and no dependence on the thread count.
+// `stats`: the maps' all_map_stats when the caller has them already.
 template <typename T>
 void overlap_backward(const T* gout, const T* cams, int64_t G, int64_t P, int64_t N, int64_t sG, int64_t sP,
-                      Measure m, T eps, T* grad) {
-  const auto stats = all_map_stats(cams, G, P, N, sG, sP);
+                      Measure m, T eps, T* grad, const std::vector<MapStats<T>>* known_stats = nullptr) {
+  const auto stats = known_stats ? *known_stats : all_map_stats(cams, G, P, N, sG, sP);
   at::parallel_for(0, G * P, grain(P * N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / P, p = i % P;
