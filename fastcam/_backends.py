@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.metadata
+import os
 
 import torch
 
@@ -59,17 +61,24 @@ def _probe() -> dict[str, BackendInfo]:
                            "rebuild with nvcc on the PATH: `pip install --no-build-isolation -e .`")  # fmt: skip
         elif not torch.cuda.is_available():
             cuda_reason = "torch sees no CUDA device"
-    triton_version = _package_version("triton")
-    triton_reason = (
-        "fastcam's Triton kernels are not part of this version of fastcam"
-        if triton_version
-        else "triton is not installed (it comes with the CUDA builds of torch on Linux)"
-    )
+    triton_version, triton_reason = _package_version("triton"), ""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_version is None:
+        triton_reason = "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    elif not (torch.cuda.is_available() or interpret):
+        triton_reason = ("the Triton kernels need a CUDA device (TRITON_INTERPRET=1 runs them on CPU tensors, "
+                         "slowly, for tests)")  # fmt: skip
+    else:
+        try:
+            importlib.import_module("fastcam.triton.cam_head")
+        except Exception as exc:  # noqa: BLE001 - whatever fails to compile or import is the reason
+            triton_reason = f"fastcam's Triton kernels failed to load: {exc}"
+    triton_devices = ("cuda", "cpu") if interpret else ("cuda",)
     return {
         "torch": BackendInfo("torch", True, ("cpu", "cuda"), torch.__version__),
         "cpu": BackendInfo("cpu", built is not None, ("cpu",), compiled_version, ext_reason or ""),
         "cuda": BackendInfo("cuda", cuda_reason is None, ("cuda",), compiled_version, cuda_reason or "", archs),
-        "triton": BackendInfo("triton", False, ("cuda",), triton_version, triton_reason),
+        "triton": BackendInfo("triton", not triton_reason, triton_devices, triton_version, triton_reason),
     }
 
 

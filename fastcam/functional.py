@@ -1,7 +1,7 @@
 """The functional API of SPEC §3: validate the inputs, pick a backend, call it.
 
-Every backend module (``fastcam.reference``, ``fastcam._ops`` for the compiled extension)
-provides ``cam_head``, ``pairwise_overlap`` and ``attention_loss`` taking the
+Every backend module (``fastcam.reference``, ``fastcam._ops`` for the compiled extension,
+``fastcam.triton.backend``) provides ``cam_head``, ``pairwise_overlap`` and ``attention_loss`` taking the
 validated arguments; this module owns the checks and error messages, so that every
 backend fails the same way on bad input.
 """
@@ -25,6 +25,10 @@ def _implementation(backend: str):
     """The module that runs a resolved backend: the reference, or the compiled ops."""
     if backend == "torch":
         return reference
+    if backend == "triton":
+        from fastcam.triton import backend as triton_backend  # loaded by resolve_backend
+
+        return triton_backend
     from fastcam import _ops  # loaded with the extension by resolve_backend
 
     return _ops

@@ -72,7 +72,11 @@ def cam_head_flat(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[B, C]`` at the accumulation precision and maps ``[B, C, N]``."""
-    scores = score_maps(features, weight)
+    return head_from_scores(score_maps(features, weight), bias, normalize, temperature, eps)
+
+
+def head_from_scores(scores, bias, normalize="l2", temperature=1.0, eps=1e-6):
+    """Logits (mean over positions + bias) and normalized maps from the score maps ``S``."""
     logits = scores.mean(dim=-1)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
@@ -229,6 +233,18 @@ def attention_loss(
     False) is not computed and is None. ``grid`` is ``(H, W)``, required only for the
     coherence term of token features."""
     logits_acc, cams_flat = cam_head_flat(features, weight, bias, normalize, temperature, eps)
+    out = loss_terms(logits_acc, cams_flat, labels, label_mask, measure=measure, lambda_distinct=lambda_distinct,
+                     lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
+                     grid=grid if grid is not None else tuple(features.shape[2:]), unlabeled=unlabeled,
+                     classification=classification, eps=eps)  # fmt: skip
+    cams = cams_flat.unflatten(-1, features.shape[2:]) if features.dim() == 4 else cams_flat
+    return dict(logits=logits_acc.to(features.dtype), cams=cams, **out)
+
+
+def loss_terms(logits_acc, cams_flat, labels, label_mask, *, measure, lambda_distinct, lambda_consist,
+               lambda_coherence, grid, unlabeled, classification, eps):
+    """The terms of SPEC §2.3 and their weighted total from the logits (accumulation
+    precision) and the maps ``[B, C, N]``: a dict with loss, bce, distinct, consist, coherence."""
     q = class_weights(logits_acc, labels, label_mask, unlabeled)
     loss = logits_acc.new_zeros(())
     out = dict(bce=None, distinct=None, consist=None, coherence=None)
@@ -242,9 +258,6 @@ def attention_loss(
         out["consist"] = consist_loss(cams_flat, q, measure, eps)
         loss = loss + lambda_consist * out["consist"]
     if lambda_coherence:
-        if grid is None:
-            grid = tuple(features.shape[2:])
         out["coherence"] = coherence_loss(cams_flat, q, grid, eps)
         loss = loss + lambda_coherence * out["coherence"]
-    cams = cams_flat.unflatten(-1, features.shape[2:]) if features.dim() == 4 else cams_flat
-    return dict(loss=loss, logits=logits_acc.to(features.dtype), cams=cams, **out)
+    return dict(loss=loss, **out)

@@ -1,0 +1,44 @@
+"""``backend="triton"``: the head's GEMMs in Triton (fastcam/triton/cam_head.py), the
+per-map normalization and the loss terms as in :mod:`fastcam.reference` on top of them
+(their own Triton kernels are the next step of this backend). Same validated arguments
+as the reference's functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcam import reference
+from fastcam.triton.cam_head import scores
+
+
+def _as_bkn(features: torch.Tensor) -> torch.Tensor:
+    return features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)
+
+
+def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
+    return reference.head_from_scores(scores(_as_bkn(features), weight), bias, normalize, temperature, eps)
+
+
+def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1e-6):
+    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
+    if features.dim() == 4:
+        cams = cams.unflatten(-1, features.shape[2:])
+    return logits.to(features.dtype), cams
+
+
+def pairwise_overlap(cams, measure="cosine", eps=1e-6):
+    return reference.pairwise_overlap(cams, measure, eps)
+
+
+def attention_loss(features, weight, bias, labels=None, label_mask=None, *, normalize="l2", measure="cosine",
+                   lambda_distinct=1.0, lambda_consist=0.0, lambda_coherence=0.0, grid=None, unlabeled="predicted",
+                   classification=True, temperature=1.0, eps=1e-6):  # fmt: skip
+    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
+    out = reference.loss_terms(logits, cams, labels, label_mask, measure=measure, lambda_distinct=lambda_distinct,
+                               lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
+                               grid=grid if grid is not None else tuple(features.shape[2:]), unlabeled=unlabeled,
+                               classification=classification, eps=eps)  # fmt: skip
+    if features.dim() == 4:
+        cams = cams.unflatten(-1, features.shape[2:])
+    return dict(logits=logits.to(features.dtype), cams=cams, **out)
