@@ -45,7 +45,7 @@ $PYTHON -m fastcam.cli info | tee "$OUT/info.txt"
 step "tests on every usable backend (CUDA included)"
 ignore=()
 $PYTHON -c "import torchvision" 2>/dev/null || ignore=(--ignore=tests/test_models.py --ignore=tests/test_readme.py)
-FASTCAM_REQUIRE_BACKENDS=torch,cpu,cuda $PYTHON -m pytest -q -p no:cacheprovider tests "${ignore[@]}" \
+FASTCAM_REQUIRE_BACKENDS=torch,cpu,cuda,triton $PYTHON -m pytest -q -p no:cacheprovider tests "${ignore[@]}" \
   > "$OUT/tests.log" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 tail -3 "$OUT/tests.log"

@@ -64,3 +64,26 @@ def test_opcheck_on_cuda(device):
     torch.library.opcheck(scores, (feats.flatten(2), weight))
     g = torch.randn(2, 5, 24, device=device)
     torch.library.opcheck(scores_backward, (g, feats.detach().flatten(2), weight.detach(), True, True))
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else [])
+def test_compiled_training_step_on_cuda(device):
+    """torch.compile(fullgraph=True) traces through the triton_ops (not under the interpreter)."""
+    feats, weight, bias = make_head_inputs("nchw", B=3, C=4, K=40, H=3, W=5, dtype=torch.float32, device=device,
+                                           seed=55)
+    labels = torch.ones(3, 4, device=device) * 0.5
+
+    def step(f, w, b):
+        out = fastcam.attention_loss(f, w, b, labels, lambda_consist=0.5, backend="triton")
+        return out.loss, out.cams
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+        loss, cams = fn(f, w, b)
+        loss.backward()
+        results.append((loss, cams, f.grad, w.grad, b.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
