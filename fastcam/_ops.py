@@ -13,6 +13,7 @@ import torch
 
 from fastcam._ext import load_extension
 from fastcam.reference import accumulation_dtype as _acc
+from fastcam.reference import features_as_bkn, head_outputs
 
 if load_extension()[0] is None:
     raise ImportError(f"fastcam._ops needs the compiled extension: {load_extension()[1]}")
@@ -93,24 +94,13 @@ _no_double_backward("attention_terms_backward")
 # ------------------------------------------------------------ the backend (cpu and cuda)
 
 
-def _as_bkn(features: torch.Tensor) -> torch.Tensor:
-    """Features as a [B, K, N] view with stride 1 along N or K (a copy only if neither)."""
-    f = features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)
-    if 1 not in (f.stride(2), f.stride(1)) and 1 not in (f.shape[2], f.shape[1]):
-        f = f.contiguous()
-    return f
-
-
 def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
-    logits, _, cams = ops.cam_head(_as_bkn(features), weight, bias, normalize, temperature, eps)
+    logits, _, cams = ops.cam_head(features_as_bkn(features), weight, bias, normalize, temperature, eps)
     return logits, cams
 
 
 def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1e-6):
-    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
-    if features.dim() == 4:
-        cams = cams.unflatten(-1, features.shape[2:])
-    return logits.to(features.dtype), cams
+    return head_outputs(features, *cam_head_flat(features, weight, bias, normalize, temperature, eps))
 
 
 def pairwise_overlap(cams, measure="cosine", eps=1e-6):
@@ -129,6 +119,5 @@ def attention_loss(features, weight, bias, labels=None, label_mask=None, *, norm
     for name, weight_of_term in zip(TERM_NAMES[1:], weights):
         if not weight_of_term:
             values[name] = None
-    if features.dim() == 4:
-        cams = cams.unflatten(-1, features.shape[2:])
-    return dict(logits=logits.to(features.dtype), cams=cams, **values)
+    logits, cams = head_outputs(features, logits, cams)
+    return dict(logits=logits, cams=cams, **values)

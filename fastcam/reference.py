@@ -32,6 +32,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- cam_head
 
 
+def features_as_bkn(features: torch.Tensor) -> torch.Tensor:
+    """Features as a ``[B, K, N]`` view (NCHW: ``flatten(2)``; channels-last and tokens: stride 1
+    along K), copied only when neither N nor K has stride 1: how the kernels take them."""
+    f = features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)
+    if 1 not in (f.stride(2), f.stride(1)) and 1 not in (f.shape[2], f.shape[1]):
+        f = f.contiguous()
+    return f
+
+
+def head_outputs(features: torch.Tensor, logits: torch.Tensor, cams_flat: torch.Tensor):
+    """The user-facing ``(logits, cams)``: logits in the features' dtype, maps ``[B, C, H, W]``
+    for 4-D features and ``[B, C, N]`` for tokens."""
+    cams = cams_flat.unflatten(-1, features.shape[2:]) if features.dim() == 4 else cams_flat
+    return logits.to(features.dtype), cams
+
+
 def score_maps(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Raw class score maps ``S[b, c, n] = sum_k W[c, k] F[b, k, n]``, shape ``[B, C, N]``.
 
@@ -92,10 +108,7 @@ def cam_head(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, cams)``: logits in the features' dtype, cams ``[B,C,H,W]`` or ``[B,C,N]``."""
-    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
-    if features.dim() == 4:
-        cams = cams.unflatten(-1, features.shape[2:])
-    return logits.to(features.dtype), cams
+    return head_outputs(features, *cam_head_flat(features, weight, bias, normalize, temperature, eps))
 
 
 # ------------------------------------------------------------------- pairwise_overlap
@@ -237,8 +250,8 @@ def attention_loss(
                      lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
                      grid=grid if grid is not None else tuple(features.shape[2:]), unlabeled=unlabeled,
                      classification=classification, eps=eps)  # fmt: skip
-    cams = cams_flat.unflatten(-1, features.shape[2:]) if features.dim() == 4 else cams_flat
-    return dict(logits=logits_acc.to(features.dtype), cams=cams, **out)
+    logits, cams = head_outputs(features, logits_acc, cams_flat)
+    return dict(logits=logits, cams=cams, **out)
 
 
 def loss_terms(logits_acc, cams_flat, labels, label_mask, *, measure, lambda_distinct, lambda_consist,

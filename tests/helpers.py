@@ -94,6 +94,21 @@ def naive_pairwise(cams, measure, eps=1e-6):
 # ------------------------------------------------------------------------ comparisons
 
 
+def assert_compiled_step_matches_eager(step, tensors, compile_backend="inductor"):
+    """``torch.compile(step, fullgraph=True)`` gives eager's loss, maps and gradients;
+    ``step(*tensors)`` returns ``(loss, cams)``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        loss, cams = fn(*leaves)
+        loss.backward()
+        results.append((loss, cams, *(t.grad for t in leaves)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
 def max_rel_error(actual, expected):
     """max |actual - expected| / max |expected| (both as float64)."""
     actual, expected = actual.detach().double(), expected.detach().double()

@@ -9,7 +9,7 @@ import torch
 
 import fastcam
 from conftest import BACKEND_DEVICES
-from helpers import make_head_inputs
+from helpers import assert_compiled_step_matches_eager, make_head_inputs
 
 COMPILED = [(b, d) for b, d in BACKEND_DEVICES if b in ("cpu", "cuda")]
 
@@ -72,16 +72,7 @@ def test_compiled_training_step_matches_eager(backend, device, compile_backend):
                                      backend=backend)
         return out.loss, out.cams
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
-    results = []
-    for fn in (step, compiled):
-        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
-        loss, cams = fn(f, w, b)
-        loss.backward()
-        results.append((loss, cams, f.grad, w.grad, b.grad))
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(step, (feats, weight, bias), compile_backend)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED, ids=ids)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastcam
-from helpers import LAYOUTS, assert_close_rel, make_head_inputs, max_rel_error
+from helpers import LAYOUTS, assert_close_rel, assert_compiled_step_matches_eager, make_head_inputs, max_rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fastcam.backends()["triton"].usable,
@@ -77,13 +77,4 @@ def test_compiled_training_step_on_cuda(device):
         out = fastcam.attention_loss(f, w, b, labels, lambda_consist=0.5, backend="triton")
         return out.loss, out.cams
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
-        loss, cams = fn(f, w, b)
-        loss.backward()
-        results.append((loss, cams, f.grad, w.grad, b.grad))
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(step, (feats, weight, bias))

@@ -6,25 +6,17 @@ as the reference's functions.
 
 from __future__ import annotations
 
-import torch
-
 from fastcam import reference
 from fastcam.triton.cam_head import scores
 
 
-def _as_bkn(features: torch.Tensor) -> torch.Tensor:
-    return features.flatten(2) if features.dim() == 4 else features.transpose(1, 2)
-
-
 def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
-    return reference.head_from_scores(scores(_as_bkn(features), weight), bias, normalize, temperature, eps)
+    s = scores(reference.features_as_bkn(features), weight)
+    return reference.head_from_scores(s, bias, normalize, temperature, eps)
 
 
 def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1e-6):
-    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
-    if features.dim() == 4:
-        cams = cams.unflatten(-1, features.shape[2:])
-    return logits.to(features.dtype), cams
+    return reference.head_outputs(features, *cam_head_flat(features, weight, bias, normalize, temperature, eps))
 
 
 def pairwise_overlap(cams, measure="cosine", eps=1e-6):
@@ -39,6 +31,5 @@ def attention_loss(features, weight, bias, labels=None, label_mask=None, *, norm
                                lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
                                grid=grid if grid is not None else tuple(features.shape[2:]), unlabeled=unlabeled,
                                classification=classification, eps=eps)  # fmt: skip
-    if features.dim() == 4:
-        cams = cams.unflatten(-1, features.shape[2:])
-    return dict(logits=logits.to(features.dtype), cams=cams, **out)
+    logits, cams = reference.head_outputs(features, logits, cams)
+    return dict(logits=logits, cams=cams, **out)
