@@ -14,8 +14,10 @@ from fastcam._ext import has_kernel, load_extension
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 
-# Preference of backend="auto" per device type: fastest first, the reference last.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# Preference of backend="auto" per device type: fastest first, the reference last. The CUDA
+# and Triton kernels have not yet run on a GPU (scripts/gpu_check.sh has not passed there), so
+# auto keeps CUDA tensors on the reference until they have; ask for them by name meanwhile.
+_AUTO_ORDER = {"cuda": ("torch",), "cpu": ("cpu", "torch")}
 
 
 class BackendUnavailableError(RuntimeError):
