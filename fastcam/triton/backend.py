@@ -29,7 +29,7 @@ def attention_loss(features, weight, bias, labels=None, label_mask=None, *, norm
     logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
     out = reference.loss_terms(logits, cams, labels, label_mask, measure=measure, lambda_distinct=lambda_distinct,
                                lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
-                               grid=grid if grid is not None else tuple(features.shape[2:]), unlabeled=unlabeled,
+                               grid=grid, unlabeled=unlabeled,
                                classification=classification, eps=eps)  # fmt: skip
     logits, cams = reference.head_outputs(features, logits, cams)
     return dict(logits=logits, cams=cams, **out)
