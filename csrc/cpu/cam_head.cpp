@@ -3,6 +3,7 @@
 // chunk of bf16/fp16 features to fp32 once; normalization, logits and G = dL/dS +
 // dL/dlogits / N are fused per map around them.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,6 +14,7 @@
 #include "../common/map_math.h"
 #include "../common/checks.h"
 #include "../common/options.h"
+#include "head_maps.h"
 #include "parallel.h"
 
 namespace fastcam::cpu {
@@ -62,34 +64,104 @@ void scores_gemm(const at::Tensor& features, const at::Tensor& w, at::Tensor& sc
   }
 }
 
-// dF[b] = W^T G[b] (written once, in the features' dtype and strides) and dW = sum_b G[b] F[b]^T,
-// each chunk of features converted once. dF[b] is computed in its own memory order
-// ([N, K] for channels-last and tokens), so that the conversion into it is a plain copy.
-void head_backward_gemm(const at::Tensor& features, const at::Tensor& w, const at::Tensor& g, at::Tensor& df,
+// Fsum[b, k] = sum_n F[b, k, n] in the accumulation type, reading F once as it lies (at::sum
+// with a dtype would convert all of F first).
+at::Tensor feature_sums(const at::Tensor& features, at::ScalarType acc) {
+  const int64_t B = features.size(0), K = features.size(1), N = features.size(2);
+  at::Tensor out = at::empty({B, K}, features.options().dtype(acc));
+  const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
+  if (features.scalar_type() == at::kBFloat16 && (sn == 1 || sk == 1)) {
+    const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<at::BFloat16>());
+    float* o = out.mutable_data_ptr<float>();
+    at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
+      bf16_feature_sums(f + begin * sb, o + begin * K, end - begin, K, N, sb, sk, sn);
+    });
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_feature_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    if (sn == 1 || N == 1) {  // NCHW: a contiguous row of positions per channel
+      at::parallel_for(0, B * K, grain(N), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t* row = f + (i / K) * sb + (i % K) * sk;
+          o[i] = sum_over<acc_t>(N, [&](int64_t n) { return acc_t(row[n]); });
+        }
+      });
+    } else {  // channels-last and tokens: a row of channels per position
+      at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          acc_t* ob = o + b * K;
+          std::fill(ob, ob + K, acc_t(0));
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* col = f + b * sb + n * sn;
+            for (int64_t k = 0; k < K; ++k) ob[k] += acc_t(col[k * sk]);
+          }
+        }
+      });
+    }
+  });
+  return out;
+}
+
+// The backward's GEMMs, with G = Gm + g0 1^T split in two: Gm = dL/dS through the maps,
+// g0 = dL/dlogits / N (constant over the positions). Then
+//   dF[b] = W^T Gm[b] + (W^T g0[b]) 1^T        dW = sum_b Gm[b] F[b]^T + g0^T Fsum
+// with Fsum[b] = sum_n F[b, :, n]. A row of Gm is zero for every map that no loss term
+// weighs (a labeled image's maps without a positive partner: most of a batch at the real
+// label rates), so only the nonzero rows `rows[b]` of each image enter its GEMMs.
+// dF[b] is written once, in the features' dtype and strides, computed in its own memory
+// order ([N, K] for channels-last and tokens) so that the conversion into it is a plain copy.
+void head_backward_gemm(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                        const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df,
                         at::Tensor& dw) {
-  const int64_t B = features.size(0), step = chunk_size(features);
-  const at::Tensor wt = w.t();
-  const bool channels_last = df.defined() && df.size(2) > 1 && df.stride(1) == 1;
+  const int64_t B = features.size(0), K = w.size(1), C = w.size(0), N = features.size(2);
+  const int64_t step = chunk_size(features);
+  const bool channels_last = df.defined() && N > 1 && df.stride(1) == 1;
+  const at::Tensor v = (df.defined() && g0.defined()) ? at::mm(g0, w) : at::Tensor();  // [B, K]
   for (int64_t b0 = 0; b0 < B; b0 += step) {
     const int64_t b1 = std::min(B, b0 + step);
-    const at::Tensor fc = dw.defined() ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
-    for (int64_t i = 0; i < b1 - b0; ++i) {
-      const at::Tensor gi = g[b0 + i];
-      if (dw.defined()) dw.addmm_(gi, fc[i].t());
+    bool any_rows = false;
+    for (int64_t b = b0; b < b1; ++b) any_rows = any_rows || !rows[b].empty();
+    const at::Tensor fc = (dw.defined() && any_rows) ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t nr = int64_t(rows[b].size());
+      at::Tensor ga, wa, index;
+      if (nr == C) {
+        ga = gm[b];
+        wa = w;
+      } else if (nr > 0) {
+        index = at::tensor(c10::ArrayRef<int64_t>(rows[b]), at::kLong);
+        ga = gm[b].index_select(0, index);
+        wa = w.index_select(0, index);
+      }
+      if (dw.defined() && nr > 0) {
+        if (nr == C) dw.addmm_(ga, fc[b - b0].t());
+        else dw.index_add_(0, index, at::mm(ga, fc[b - b0].t()));
+      }
       if (!df.defined()) continue;
-      const int64_t K = w.size(1), N = gi.size(1);
+      at::Tensor out = df[b];
+      if (nr == 0) {  // only the logits' gradient: the same column at every position
+        if (v.defined()) out.copy_(v[b].unsqueeze(1).expand({K, N}));
+        else out.zero_();
+        continue;
+      }
       at::Tensor product = scratch(1, K * N, w.scalar_type());
       if (channels_last) {
         product = product.narrow(0, 0, N * K).view({N, K});
-        at::mm_out(product, gi.t(), w);
-        df[b0 + i].t().copy_(product);
+        if (v.defined()) at::addmm_out(product, v[b].unsqueeze(0), ga.t(), wa);
+        else at::mm_out(product, ga.t(), wa);
+        out.t().copy_(product);
       } else {
         product = product.narrow(0, 0, K * N).view({K, N});
-        at::mm_out(product, wt, gi);
-        df[b0 + i].copy_(product);
+        if (v.defined()) at::addmm_out(product, v[b].unsqueeze(1), wa.t(), ga);
+        else at::mm_out(product, wa.t(), ga);
+        out.copy_(product);
       }
     }
   }
+  if (dw.defined() && g0.defined()) dw.addmm_(g0.t(), feature_sums(features, w.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cpu(const at::Tensor& features, const at::Tensor& weight,
@@ -112,12 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cpu(const at::Tensor& fe
     acc_t* cp = cams.mutable_data_ptr<acc_t>();
     acc_t* lp = logits.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t map = begin; map < end; ++map) {
-        acc_t total = 0;
-        for (int64_t n = 0; n < N; ++n) total += s[map * N + n];
-        lp[map] = total / acc_t(N) + (bp ? bp[map % C] : acc_t(0));
-        normalize_forward<acc_t>(s + map * N, cp + map * N, N, mode, acc_t(temperature), acc_t(eps));
-      }
+      head_maps_forward(s + begin * N, cp + begin * N, lp + begin, bp, begin, end - begin, C, N, mode,
+                        acc_t(temperature), acc_t(eps));
     });
   });
   return {logits, scores, cams};
@@ -136,35 +204,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
   const at::Tensor gl = grad_logits.has_value() ? grad_logits->to(acc).contiguous() : at::Tensor();
   const at::Tensor gc = grad_cams.has_value() ? grad_cams->to(acc).contiguous() : at::Tensor();
   auto opts = features.options().dtype(acc);
-  at::Tensor g = at::empty({B, C, N}, opts);
   at::Tensor df = output_mask[0] ? at::empty_like(features) : at::Tensor();
   at::Tensor dw = output_mask[1] ? at::zeros({C, K}, opts) : at::Tensor();
   at::Tensor db = output_mask[2] ? (gl.defined() ? gl.sum(0) : at::zeros({C}, opts)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(acc, "fastcam_cam_head_bwd_cpu", [&] {
-    using acc_t = scalar_t;
-    // G = dL/dS through the normalization + dL/dlogits / N.
-    acc_t* gp = g.mutable_data_ptr<acc_t>();
-    const acc_t* glp = gl.defined() ? gl.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* gcp = gc.defined() ? gc.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    const acc_t* cp = cm.const_data_ptr<acc_t>();
-    at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
-      for (int64_t map = begin; map < end; ++map) {
-        acc_t* out = gp + map * N;
-        if (gcp) {
-          normalize_backward<acc_t>(gcp + map * N, sp + map * N, cp + map * N, out, N, mode, acc_t(temperature),
-                                    acc_t(eps));
-        } else {
-          std::fill(out, out + N, acc_t(0));
-        }
-        if (glp) {
-          const acc_t from_logit = glp[map] / acc_t(N);
-          for (int64_t n = 0; n < N; ++n) out[n] += from_logit;
-        }
-      }
+  const at::Tensor g0 = gl.defined() ? gl / double(N) : at::Tensor();
+  // Gm = dL/dS through the normalization, and which of its rows are not zero (only those are
+  // written: a zero gradient on a map of finite scores has a zero dL/dS).
+  at::Tensor gm = gc.defined() ? at::empty({B, C, N}, opts) : at::Tensor();
+  std::vector<char> nonzero(B * C, 0);
+  if (gc.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastcam_cam_head_bwd_cpu", [&] {
+      using acc_t = scalar_t;
+      acc_t* gp = gm.mutable_data_ptr<acc_t>();
+      const acc_t* gcp = gc.const_data_ptr<acc_t>();
+      const acc_t* sp = s.const_data_ptr<acc_t>();
+      const acc_t* cp = cm.const_data_ptr<acc_t>();
+      at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
+        head_maps_backward(gcp + begin * N, sp + begin * N, cp + begin * N, gp + begin * N, nonzero.data() + begin,
+                           end - begin, N, mode, acc_t(temperature), acc_t(eps));
+      });
     });
-  });
-  if (df.defined() || dw.defined()) head_backward_gemm(features, w, g, df, dw);
+  }
+  std::vector<std::vector<int64_t>> rows(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      if (nonzero[b * C + c]) rows[b].push_back(c);
+  if (df.defined() || dw.defined()) head_backward_gemm(features, w, gm, rows, g0, df, dw);
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
   return {df.defined() ? df : at::empty({0}, features.options()), or_empty(dw), or_empty(db)};
 }

@@ -1,10 +1,5 @@
 #include "vec.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FC_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define FC_MULTIVERSION
-#endif
 
 namespace fastcam::cpu {
 

@@ -5,6 +5,24 @@
 
 #include <cstdint>
 
+// Compiles a function for AVX-512, AVX2+FMA and the baseline, picked at load time (GCC, x86-64)
+// by the CPU's features: a clone for a named CPU model ("arch=haswell") is never picked on a
+// virtual machine that reports a generic model, as cloud machines do.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define FC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FC_MULTIVERSION
+#endif
+// On a multiversioned function: inline everything it calls, so that each clone's loops are
+// compiled for its instruction set.
+#if defined(__GNUC__)
+#define FC_FLATTEN __attribute__((flatten))
+#else
+#define FC_FLATTEN
+#endif
+
 namespace fastcam::cpu {
 
 // y[i] += a * x[i]

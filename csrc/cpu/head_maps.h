@@ -1,0 +1,31 @@
+// The per-map loops of cam_head on the CPU (logits, normalization and its backward), kept
+// out of the op's translation unit so that they are compiled for several instruction sets
+// (AVX-512, AVX2+FMA, baseline) and picked at load time, like vec.h.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/map_math.h"
+
+namespace fastcam::cpu {
+
+// For `count` maps of N values, the first being map `first` of the [B, C] grid:
+// logits[i] = mean(s[i]) + bias[(first + i) % C] (bias may be null), cams[i] = normalize(s[i]).
+void head_maps_forward(const float* s, float* cams, float* logits, const float* bias, int64_t first, int64_t count,
+                       int64_t C, int64_t N, Normalize mode, float temperature, float eps);
+void head_maps_forward(const double* s, double* cams, double* logits, const double* bias, int64_t first,
+                       int64_t count, int64_t C, int64_t N, Normalize mode, double temperature, double eps);
+
+// gs[i] = dL/dS of map i from gc[i] = dL/dcams, and nonzero[i] whether that row is not zero.
+// A zero gc row on finite scores gives a zero row, left unwritten (nonzero[i] = 0).
+void head_maps_backward(const float* gc, const float* s, const float* cams, float* gs, char* nonzero, int64_t count,
+                        int64_t N, Normalize mode, float temperature, float eps);
+void head_maps_backward(const double* gc, const double* s, const double* cams, double* gs, char* nonzero,
+                        int64_t count, int64_t N, Normalize mode, double temperature, double eps);
+
+// out[b, k] = sum_n f[b, k, n] of bf16 features (bits), in fp32: rows of N contiguous values
+// (NCHW, sn = 1), or rows of K contiguous channels per position (channels-last / tokens, sk = 1).
+void bf16_feature_sums(const uint16_t* f, float* out, int64_t B, int64_t K, int64_t N, int64_t sb, int64_t sk,
+                       int64_t sn);
+
+}  // namespace fastcam::cpu
