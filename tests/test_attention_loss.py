@@ -158,11 +158,16 @@ def test_bool_and_integer_labels(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_features(backend, device, dtype):
-    feats, weight, bias = make_head_inputs("channels_last", B=4, C=5, K=32, H=4, W=4, dtype=dtype,
+@pytest.mark.parametrize("layout,B,C", [("channels_last", 4, 5), ("nchw", 6, 12), ("tokens", 6, 12)])
+def test_low_precision_features(backend, device, dtype, layout, B, C):
+    """With C = 12 the last two images are unlabeled: every one of their maps is weighed
+    (compiled backends may use GEMMs there, direct loops for the sparse images)."""
+    feats, weight, bias = make_head_inputs(layout, B=B, C=C, K=32, H=4, W=4, dtype=dtype,
                                            device=device, seed=24, requires_grad=True)
-    labels, mask = partial_labels(4, 5, seed=25, device=device)
-    kw = dict(lambda_consist=0.5, lambda_coherence=0.5)
+    labels, mask = partial_labels(B, C, seed=25, device=device)
+    if C > 5:
+        mask[-2:] = False
+    kw = dict(lambda_consist=0.5, lambda_coherence=0.5, grid=(4, 4))
 
     def run(f, w, b, be):
         f, w, b = (t.detach().requires_grad_() for t in (f, w, b))
@@ -204,17 +209,19 @@ def test_attention_map_loss_module(backend, device):
 
 @pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("unlabeled", ["predicted", "ignore"])
-def test_many_classes_and_images_match_the_reference(backend, device, measure, unlabeled):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_classes_and_images_match_the_reference(backend, device, measure, unlabeled, layout):
     """C = 20 classes and B = 17 images, 16 of them unlabeled: groups with many weighted maps
     (which compiled backends may treat as one GEMM), for both pairwise terms, beside a
     sparse labeled image."""
     B, C = 17, 20
-    feats, weight, bias = make_head_inputs("nchw", B=B, C=C, K=6, H=3, W=4, device=device, seed=31)
+    feats, weight, bias = make_head_inputs(layout, B=B, C=C, K=6, H=3, W=4, device=device, seed=31)
     g = torch.Generator().manual_seed(32)
     labels = (torch.rand(B, C, generator=g) < 0.15).double().to(device)
     mask = torch.ones(B, C, dtype=torch.bool, device=device)
     mask[:16] = False
-    kw = dict(measure=measure, lambda_distinct=0.7, lambda_consist=0.4, lambda_coherence=0.3, unlabeled=unlabeled)
+    kw = dict(measure=measure, lambda_distinct=0.7, lambda_consist=0.4, lambda_coherence=0.3, unlabeled=unlabeled,
+              grid=(3, 4))
 
     def run(be):
         f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))

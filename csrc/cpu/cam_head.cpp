@@ -105,59 +105,72 @@ at::Tensor feature_sums(const at::Tensor& features, at::ScalarType acc) {
   return out;
 }
 
-// The backward's GEMMs, with G = Gm + g0 1^T split in two: Gm = dL/dS through the maps,
+// Images whose Gm has at most this many nonzero rows take direct loops instead of GEMMs.
+constexpr int64_t kDirectRows = 8;
+
+// The head's backward, with G = Gm + g0 1^T split in two: Gm = dL/dS through the maps,
 // g0 = dL/dlogits / N (constant over the positions). Then
 //   dF[b] = W^T Gm[b] + (W^T g0[b]) 1^T        dW = sum_b Gm[b] F[b]^T + g0^T Fsum
 // with Fsum[b] = sum_n F[b, :, n]. A row of Gm is zero for every map that no loss term
 // weighs (a labeled image's maps without a positive partner: most of a batch at the real
-// label rates), so only the nonzero rows `rows[b]` of each image enter its GEMMs.
-// dF[b] is written once, in the features' dtype and strides, computed in its own memory
-// order ([N, K] for channels-last and tokens) so that the conversion into it is a plain copy.
-void head_backward_gemm(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
-                        const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df,
-                        at::Tensor& dw) {
+// label rates), so only the nonzero rows `rows[b]` of each image enter its products: by
+// direct loops over the features as they lie when there are few (no conversion, dF written
+// in one pass), by GEMMs on a converted chunk of images otherwise. dF[b] is written once, in
+// the features' dtype and strides; the GEMM path computes it in its own memory order ([N, K]
+// for channels-last and tokens) so that the conversion into it is a plain copy.
+void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                   const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df, at::Tensor& dw) {
   const int64_t B = features.size(0), K = w.size(1), C = w.size(0), N = features.size(2);
   const int64_t step = chunk_size(features);
   const bool channels_last = df.defined() && N > 1 && df.stride(1) == 1;
   const at::Tensor v = (df.defined() && g0.defined()) ? at::mm(g0, w) : at::Tensor();  // [B, K]
   for (int64_t b0 = 0; b0 < B; b0 += step) {
     const int64_t b1 = std::min(B, b0 + step);
-    bool any_rows = false;
-    for (int64_t b = b0; b < b1; ++b) any_rows = any_rows || !rows[b].empty();
-    const at::Tensor fc = (dw.defined() && any_rows) ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
+    bool any_gemm = false;
+    for (int64_t b = b0; b < b1; ++b) any_gemm = any_gemm || int64_t(rows[b].size()) > kDirectRows;
+    const at::Tensor fc = (dw.defined() && any_gemm) ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t nr = int64_t(rows[b].size());
-      at::Tensor ga, wa, index;
-      if (nr == C) {
-        ga = gm[b];
-        wa = w;
-      } else if (nr > 0) {
+      if (nr <= kDirectRows) {
+        if (!df.defined() && (!dw.defined() || nr == 0)) continue;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_head_bwd_direct", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          std::vector<const acc_t*> g(nr);
+          for (int64_t r = 0; r < nr; ++r) g[r] = gm.const_data_ptr<acc_t>() + (b * C + rows[b][r]) * N;
+          const scalar_t* fb = features.const_data_ptr<scalar_t>() + b * features.stride(0);
+          scalar_t* dfb = df.defined() ? df.mutable_data_ptr<scalar_t>() + b * df.stride(0) : nullptr;
+          const acc_t* vb = v.defined() ? v.const_data_ptr<acc_t>() + b * K : nullptr;
+          acc_t* dwp = dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr;
+          const int64_t dsk = df.defined() ? df.stride(1) : 0, dsn = df.defined() ? df.stride(2) : 0;
+          at::parallel_for(0, K, grain((2 * nr + 1) * N), [&](int64_t k0, int64_t k1) {
+            direct_image_backward(fb, features.stride(1), features.stride(2), dfb, dsk, dsn, K, N,
+                                  w.const_data_ptr<acc_t>(), g.data(), rows[b].data(), nr, vb, dwp, k0, k1);
+          });
+        });
+        continue;
+      }
+      at::Tensor ga = gm[b], wa = w, index;
+      if (nr < C) {
         index = at::tensor(c10::ArrayRef<int64_t>(rows[b]), at::kLong);
-        ga = gm[b].index_select(0, index);
+        ga = ga.index_select(0, index);
         wa = w.index_select(0, index);
       }
-      if (dw.defined() && nr > 0) {
+      if (dw.defined()) {
         if (nr == C) dw.addmm_(ga, fc[b - b0].t());
         else dw.index_add_(0, index, at::mm(ga, fc[b - b0].t()));
       }
       if (!df.defined()) continue;
-      at::Tensor out = df[b];
-      if (nr == 0) {  // only the logits' gradient: the same column at every position
-        if (v.defined()) out.copy_(v[b].unsqueeze(1).expand({K, N}));
-        else out.zero_();
-        continue;
-      }
       at::Tensor product = scratch(1, K * N, w.scalar_type());
       if (channels_last) {
         product = product.narrow(0, 0, N * K).view({N, K});
         if (v.defined()) at::addmm_out(product, v[b].unsqueeze(0), ga.t(), wa);
         else at::mm_out(product, ga.t(), wa);
-        out.t().copy_(product);
+        df[b].t().copy_(product);
       } else {
         product = product.narrow(0, 0, K * N).view({K, N});
         if (v.defined()) at::addmm_out(product, v[b].unsqueeze(1), wa.t(), ga);
         else at::mm_out(product, wa.t(), ga);
-        out.copy_(product);
+        df[b].copy_(product);
       }
     }
   }
@@ -229,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
       if (nonzero[b * C + c]) rows[b].push_back(c);
-  if (df.defined() || dw.defined()) head_backward_gemm(features, w, gm, rows, g0, df, dw);
+  if (df.defined() || dw.defined()) head_backward(features, w, gm, rows, g0, df, dw);
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
   return {df.defined() ? df : at::empty({0}, features.options()), or_empty(dw), or_empty(db)};
 }

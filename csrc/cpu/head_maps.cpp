@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "vec.h"
 
@@ -46,6 +47,100 @@ inline float bf16_to_float(uint16_t bits) {
   return x;
 }
 
+// The features' storage types, read and written in the accumulation type. bf16 by its bits
+// (rounded to nearest even, NaN kept a NaN, as c10::BFloat16 does): a form the compiler
+// vectorizes.
+inline float load(float x) { return x; }
+inline double load(double x) { return x; }
+inline float load(c10::BFloat16 x) { return bf16_to_float(x.x); }
+inline float load(c10::Half x) { return float(x); }
+
+inline void store(float* p, float x) { *p = x; }
+inline void store(double* p, double x) { *p = x; }
+inline void store(c10::BFloat16* p, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  p->x = bits;
+}
+inline void store(c10::Half* p, float x) { *p = c10::Half(x); }
+
+// direct_image_backward (head_maps.h). kUnitN: positions contiguous (sn == dsn == 1, NCHW),
+// the loops run along n; else along k (channels-last and tokens, sk == dsk == 1) or strided.
+template <bool kUnitN, typename T, typename A>
+void direct_rows(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N,
+                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0,
+                 int64_t k1) {
+  std::vector<A> tmp(N);
+  const int64_t fn = kUnitN ? 1 : sn, dn = kUnitN ? 1 : dsn;
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* fk = f + k * sk;
+    if (dw) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const A* gr = g[r];
+        A total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t n = 0; n < N; ++n) total += gr[n] * load(fk[n * fn]);
+        dw[rows[r] * K + k] += total;
+      }
+    }
+    if (df) {
+      const A base = v ? v[k] : A(0);
+      A* __restrict t = tmp.data();
+      for (int64_t n = 0; n < N; ++n) t[n] = base;
+      for (int64_t r = 0; r < nr; ++r) {
+        const A a = w[rows[r] * K + k];
+        const A* __restrict gr = g[r];
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) t[n] += a * gr[n];
+      }
+      T* dk = df + k * dsk;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) store(dk + n * dn, t[n]);
+    }
+  }
+}
+
+template <typename T, typename A>
+void direct_columns(const T* f, int64_t sn, T* df, int64_t dsn, int64_t K, int64_t N, const A* w,
+                    const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0, int64_t k1) {
+  const int64_t len = k1 - k0;
+  std::vector<A> tmp(len);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* __restrict fn = f + n * sn + k0;
+    for (int64_t r = 0; dw && r < nr; ++r) {
+      const A gv = g[r][n];
+      A* __restrict out = dw + rows[r] * K + k0;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) out[k] += gv * load(fn[k]);
+    }
+    if (!df) continue;
+    A* __restrict t = tmp.data();
+    for (int64_t k = 0; k < len; ++k) t[k] = v ? v[k0 + k] : A(0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const A gv = g[r][n];
+      const A* __restrict wr = w + rows[r] * K + k0;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) t[k] += gv * wr[k];
+    }
+    T* __restrict dn = df + n * dsn + k0;
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) store(dn + k, t[k]);
+  }
+}
+
+template <typename T, typename A>
+void direct_impl(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N,
+                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0,
+                 int64_t k1) {
+  if ((sn == 1 && (!df || dsn == 1)) || N == 1)
+    direct_rows<true>(f, sk, 1, df, dsk, 1, K, N, w, g, rows, nr, v, dw, k0, k1);
+  else if (sk == 1 && (!df || dsk == 1))
+    direct_columns(f, sn, df, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
+  else
+    direct_rows<false>(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
+}
+
 }  // namespace
 
 FC_MULTIVERSION FC_FLATTEN void head_maps_forward(const float* s, float* cams, float* logits, const float* bias, int64_t first,
@@ -73,8 +168,11 @@ FC_MULTIVERSION FC_FLATTEN void bf16_feature_sums(const uint16_t* f, float* out,
     float* ob = out + b * K;
     if (sn == 1) {
       for (int64_t k = 0; k < K; ++k) {
-        const uint16_t* row = f + b * sb + k * sk;
-        ob[k] = sum_over<float>(N, [&](int64_t n) { return bf16_to_float(row[n]); });
+        const uint16_t* __restrict row = f + b * sb + k * sk;
+        float total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t n = 0; n < N; ++n) total += bf16_to_float(row[n]);
+        ob[k] = total;
       }
     } else {
       std::fill(ob, ob + K, 0.f);
@@ -84,6 +182,22 @@ FC_MULTIVERSION FC_FLATTEN void bf16_feature_sums(const uint16_t* f, float* out,
       }
     }
   }
+}
+
+#define FC_DIRECT_BACKWARD(T, A)                                                                                \
+  FC_MULTIVERSION FC_FLATTEN void direct_image_backward(                                                        \
+      const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N, const A* w,      \
+      const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0, int64_t k1) {           \
+    direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);                                  \
+  }
+FC_DIRECT_BACKWARD(float, float)
+FC_DIRECT_BACKWARD(c10::BFloat16, float)
+FC_DIRECT_BACKWARD(c10::Half, float)
+#undef FC_DIRECT_BACKWARD
+void direct_image_backward(const double* f, int64_t sk, int64_t sn, double* df, int64_t dsk, int64_t dsn, int64_t K,
+                           int64_t N, const double* w, const double* const* g, const int64_t* rows, int64_t nr,
+                           const double* v, double* dw, int64_t k0, int64_t k1) {
+  direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
 }
 
 }  // namespace fastcam::cpu

@@ -3,6 +3,9 @@
 // (AVX-512, AVX2+FMA, baseline) and picked at load time, like vec.h.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #include "../common/map_math.h"
@@ -27,5 +30,22 @@ void head_maps_backward(const double* gc, const double* s, const double* cams, d
 // (NCHW, sn = 1), or rows of K contiguous channels per position (channels-last / tokens, sk = 1).
 void bf16_feature_sums(const uint16_t* f, float* out, int64_t B, int64_t K, int64_t N, int64_t sb, int64_t sk,
                        int64_t sn);
+
+// One image's part of the head backward by direct loops, for an image whose Gm has few
+// nonzero rows (a GEMM would be mostly overhead, and would need the features converted):
+// for the channels k in [k0, k1),
+//   dF[k, n] = v[k] + sum_r W[rows[r], k] g[r][n]     (written in the features' type)
+//   dW[rows[r], k] += sum_n g[r][n] F[k, n]
+// f, df: the image's features and gradient, F[k, n] at f[k * sk + n * sn]; g: nr rows of N
+// values; v (K values), df and dw may be null. dW [C, K] and W [C, K] are contiguous.
+#define FC_DIRECT_BACKWARD(T, A)                                                                                  \
+  void direct_image_backward(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K,     \
+                             int64_t N, const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, \
+                             A* dw, int64_t k0, int64_t k1);
+FC_DIRECT_BACKWARD(float, float)
+FC_DIRECT_BACKWARD(double, double)
+FC_DIRECT_BACKWARD(c10::BFloat16, float)
+FC_DIRECT_BACKWARD(c10::Half, float)
+#undef FC_DIRECT_BACKWARD
 
 }  // namespace fastcam::cpu
