@@ -69,6 +69,13 @@ TORCH_LIBRARY(fastcam, m) {
       "attention_terms(Tensor logits, Tensor cams, Tensor? labels, Tensor? label_mask, str measure, "
       "float eps, bool predicted, int grid_h, int grid_w, float[] weights) -> Tensor");
   // grad_terms [5] -> (dL/dlogits [B, C], dL/dcams [B, C, N]); the pair weights are constants.
+  // The whole forward of fastcam.attention_loss (composite of cam_head and attention_terms):
+  // the five terms, logits in the features' dtype and the maps [B, C, H, W] or [B, C, N].
+  m.def(
+      "attention_loss(Tensor features, Tensor weight, Tensor? bias, Tensor? labels, Tensor? label_mask, "
+      "str normalize, str measure, float temperature, float eps, bool predicted, int grid_h, int grid_w, "
+      "float[] weights) -> (Tensor loss, Tensor bce, Tensor distinct, Tensor consist, Tensor coherence, "
+      "Tensor logits, Tensor cams)");
   m.def(
       "attention_terms_backward(Tensor grad_terms, Tensor logits, Tensor cams, Tensor? labels, "
       "Tensor? label_mask, str measure, float eps, bool predicted, int grid_h, int grid_w, "

@@ -110,14 +110,12 @@ def pairwise_overlap(cams, measure="cosine", eps=1e-6):
 def attention_loss(features, weight, bias, labels=None, label_mask=None, *, normalize="l2", measure="cosine",
                    lambda_distinct=1.0, lambda_consist=0.0, lambda_coherence=0.0, grid=None, unlabeled="predicted",
                    classification=True, temperature=1.0, eps=1e-6):  # fmt: skip
-    logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
     weights = [1.0 if classification else 0.0, lambda_distinct, lambda_consist, lambda_coherence]
     grid_h, grid_w = grid if grid is not None else (0, 0)
-    terms = ops.attention_terms(logits, cams, None if labels is None else labels.to(logits.dtype), label_mask,
-                                measure, eps, unlabeled == "predicted", grid_h, grid_w, weights)  # fmt: skip
-    values = dict(zip(TERM_NAMES, terms.unbind()))
+    *terms, logits, cams = ops.attention_loss(features, weight, bias, labels, label_mask, normalize, measure,
+                                              temperature, eps, unlabeled == "predicted", grid_h, grid_w, weights)
+    values = dict(zip(TERM_NAMES, terms))
     for name, weight_of_term in zip(TERM_NAMES[1:], weights):
         if not weight_of_term:
             values[name] = None
-    logits, cams = head_outputs(features, logits, cams)
     return dict(logits=logits, cams=cams, **values)

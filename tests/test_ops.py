@@ -56,6 +56,12 @@ def test_opcheck_every_op(backend, device, dtype):
         torch.library.opcheck(ops.attention_terms_backward,
                               (torch.randn(5, dtype=s["cams"].dtype, device=device),
                                *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+    # The composite of the two: 4-D features (channels-last) and tokens, with and without labels.
+    feats4 = s["f3"].unflatten(2, (3, 4))
+    for feats in (feats4, s["f3"].transpose(1, 2)):
+        for labels, mask in ((s["labels"], s["mask"]), (None, None)):
+            torch.library.opcheck(ops.attention_loss, (feats, s["weight"], s["bias"], labels, mask, "l2", "cosine",
+                                                       1.0, 1e-6, True, 3, 4, [1.0, 0.5, 0.25, 0.125]))
 
 
 @pytest.mark.parametrize("backend,device", COMPILED, ids=ids)
