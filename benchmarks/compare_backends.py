@@ -10,11 +10,12 @@ file measures the same step with statistics. The backward computes the gradients
 and b with torch.autograd.grad, as in training where F comes from the backbone: no
 accumulation into a leaf's .grad is timed.
 
-The last columns bound what any backend can gain over the reference: "gemm ms" is the time
-of the three fp32 GEMMs the step cannot avoid (S = W F, dF = W^T G, dW = G F^T, on
-features already in fp32, torch.matmul on this device) and "max x" the reference's time
-over it, the speed-up of a backend whose GEMMs run as fast as the BLAS and whose every
-other cost is zero.
+The last columns put the GEMMs in scale: "gemm ms" is the time of the three dense fp32 GEMMs
+of the head (S = W F, dF = W^T G, dW = G F^T over every map, on features already in fp32,
+torch.matmul on this device) and "max x" the reference's time over it: the most a backend
+that runs all three in full could gain. Only S = W F is unavoidable (every map is
+returned); the backward's GEMMs need only the maps some loss term weighs (at the real
+label rates, most labeled images have none), which the CPU backend exploits.
 """
 
 import argparse

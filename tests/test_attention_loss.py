@@ -235,20 +235,25 @@ def test_many_classes_and_images_match_the_reference(backend, device, measure, u
 
 
 @pytest.mark.parametrize("measure", MEASURES)
-def test_nan_reaches_values_and_gradients_as_in_the_reference(backend, device, measure):
+@pytest.mark.parametrize("unlabeled", ["ignore", "predicted"])
+def test_nan_reaches_values_and_gradients_as_in_the_reference(backend, device, measure, unlabeled):
     """A NaN feature of an image whose pairs all weigh 0 still makes the terms and the
-    gradients NaN exactly where the reference's 0 * NaN does."""
+    gradients NaN exactly where the reference's 0 * NaN does (with "predicted", the NaN
+    image's unknown labels get NaN weights)."""
     feats, weight, bias = make_head_inputs("nchw", B=3, C=4, K=5, H=2, W=3, device=device, seed=41)
     feats[1, 2, 0, 1] = float("nan")
     labels = torch.zeros(3, 4, dtype=torch.float64, device=device)
     labels[0, :2] = 1.0
     labels[2, 1:] = 1.0
-    kw = dict(measure=measure, lambda_distinct=1.0, lambda_consist=0.5, lambda_coherence=0.5, unlabeled="ignore",
+    mask = torch.ones(3, 4, dtype=torch.bool, device=device)
+    if unlabeled == "predicted":
+        mask[1, 1:] = False
+    kw = dict(measure=measure, lambda_distinct=1.0, lambda_consist=0.5, lambda_coherence=0.5, unlabeled=unlabeled,
               classification=False)
 
     def run(be):
         f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
-        out = fastcam.attention_loss(f, w, b, labels, backend=be, **kw)
+        out = fastcam.attention_loss(f, w, b, labels, mask, backend=be, **kw)
         grads = torch.autograd.grad(out.loss, (f, w, b), allow_unused=True, materialize_grads=True)
         return (out.distinct, out.consist, out.coherence, out.loss, *grads)
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../common/checks.h"
@@ -263,13 +264,17 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
     // consistency has 1 - O, hence the minus sign.
     auto pair_grads = [&](const Grouping& gr, T scale) {
       const T den = pair_weight_total(q, gr.G, gr.P, gr.q_sG, gr.q_sP) + e;
+      // Zero where either weight is (most pairs), unless a NaN weight made den NaN.
       std::vector<T> go(gr.G * gr.P * gr.P, T(0));
+      const bool skip_zero = std::isfinite(den);
       for (int64_t gi = 0; gi < gr.G; ++gi)
-        for (int64_t p = 0; p < gr.P; ++p)
+        for (int64_t p = 0; p < gr.P; ++p) {
+          const T qp = q[gi * gr.q_sG + p * gr.q_sP];
+          if (qp == T(0) && skip_zero) continue;
+          T* row = go.data() + (gi * gr.P + p) * gr.P;
           for (int64_t r = 0; r < gr.P; ++r)
-            if (p != r)
-              go[(gi * gr.P + p) * gr.P + r] =
-                  scale * q[gi * gr.q_sG + p * gr.q_sP] * q[gi * gr.q_sG + r * gr.q_sP] / den;
+            if (p != r) row[r] = scale * qp * q[gi * gr.q_sG + r * gr.q_sP] / den;
+        }
       const auto stats = all_map_stats(c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
       dense_groups_backward<T>(in, q, gr, m, e, stats, go, gc);
       overlap_backward<T>(go.data(), c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, e, gc, &stats);
