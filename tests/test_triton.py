@@ -23,7 +23,8 @@ def _step(backend, feats, weight, bias, **kw):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("normalize,measure", [("l2", "cosine"), ("max", "soft_iou"), ("softmax", "dice")])
+@pytest.mark.parametrize("normalize,measure", [("l2", "cosine"), ("max", "soft_iou"), ("softmax", "dice"),
+                                               ("sum", "intersection"), ("none", "dot")])
 def test_float64_matches_the_reference(layout, normalize, measure):
     """Odd sizes (C = 3, K = 37, 5 x 7 positions) against every tile edge."""
     feats, weight, bias = make_head_inputs(layout, B=3, C=3, K=37, H=5, W=7, device=DEVICE, seed=51)
@@ -54,6 +55,34 @@ def test_empty_batch_and_single_position():
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("normalize", ["none", "max", "sum", "l2", "softmax"])
+def test_head_maps_with_ties_zero_maps_and_nan(normalize):
+    """The per-map kernels against the reference's head_from_scores (values and gradients):
+    tied maxima, a map with no positive score, a NaN score, N = 37 (not a power of 2)."""
+    from fastcam import reference
+    from fastcam.triton.normalize import head_maps
+
+    g = torch.Generator().manual_seed(56)
+    s = torch.randn(2, 4, 37, generator=g, dtype=torch.float64)
+    s[0, 1, [3, 9, 20]] = 5.0  # three tied maxima
+    s[0, 2] = -s[0, 2].abs()  # no positive score
+    s[1, 3, 5] = float("nan")
+    s = s.to(DEVICE)
+    bias = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE)
+    grads = (torch.randn(2, 4, generator=g, dtype=torch.float64).to(DEVICE),
+             torch.randn(2, 4, 37, generator=g, dtype=torch.float64).to(DEVICE))
+
+    def run(fn):
+        x, b = s.clone().requires_grad_(), bias.clone().requires_grad_()
+        logits, cams = fn(x, b, normalize, 0.7, 1e-6)
+        return (logits, cams, *torch.autograd.grad((logits, cams), (x, b), grads))
+
+    for name, got, want in zip(("logits", "cams", "grad scores", "grad bias"), run(head_maps),
+                               run(reference.head_from_scores)):
+        assert torch.equal(got.isnan(), want.isnan()), name
+        torch.testing.assert_close(got.nan_to_num(7.0), want.nan_to_num(7.0), rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else [])
 def test_opcheck_on_cuda(device):
     """opcheck's fake-tensor checks cannot run under the interpreter (it reads data pointers)."""
@@ -64,6 +93,18 @@ def test_opcheck_on_cuda(device):
     torch.library.opcheck(scores, (feats.flatten(2), weight))
     g = torch.randn(2, 5, 24, device=device)
     torch.library.opcheck(scores_backward, (g, feats.detach().flatten(2), weight.detach(), True, True))
+    from fastcam.triton.normalize import head_maps, head_maps_backward
+
+    s = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
+    for normalize in ("max", "l2", "softmax"):
+        torch.library.opcheck(head_maps, (s, bias, normalize, 1.0, 1e-6))
+        torch.library.opcheck(head_maps, (s, None, normalize, 1.0, 1e-6))
+        logits, cams = head_maps(s.detach(), bias.detach(), normalize, 1.0, 1e-6)
+        torch.library.opcheck(head_maps_backward, (torch.randn_like(logits), torch.randn_like(cams), s.detach(), cams,
+                                                   normalize, 1.0, 1e-6))
+        torch.library.opcheck(head_maps_backward, (None, torch.randn_like(cams), s.detach(), cams, normalize, 1.0,
+                                                   1e-6))
 
 
 @pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else [])

@@ -1,18 +1,19 @@
-"""``backend="triton"``: the head's GEMMs in Triton (fastcam/triton/cam_head.py), the
-per-map normalization and the loss terms as in :mod:`fastcam.reference` on top of them
-(their own Triton kernels are the next step of this backend). Same validated arguments
-as the reference's functions.
+"""``backend="triton"``: the head in Triton — its GEMMs (fastcam/triton/cam_head.py) and the
+per-map logits and normalization (fastcam/triton/normalize.py) — and the loss terms as in
+:mod:`fastcam.reference` on top of them (their own Triton kernels are the next step of this
+backend). Same validated arguments as the reference's functions.
 """
 
 from __future__ import annotations
 
 from fastcam import reference
 from fastcam.triton.cam_head import scores
+from fastcam.triton.normalize import head_maps
 
 
 def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
     s = scores(reference.features_as_bkn(features), weight)
-    return reference.head_from_scores(s, bias, normalize, temperature, eps)
+    return head_maps(s, bias, normalize, float(temperature), float(eps))
 
 
 def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1e-6):
