@@ -232,9 +232,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
       const acc_t* gcp = gc.const_data_ptr<acc_t>();
       const acc_t* sp = s.const_data_ptr<acc_t>();
       const acc_t* cp = cm.const_data_ptr<acc_t>();
-      at::parallel_for(0, B * C, grain(4 * N), [&](int64_t begin, int64_t end) {
-        head_maps_backward(gcp + begin * N, sp + begin * N, cp + begin * N, gp + begin * N, nonzero.data() + begin,
-                           end - begin, N, mode, acc_t(temperature), acc_t(eps));
+      // Blocks of maps dealt round-robin to the tasks: the weighted maps, the costly ones,
+      // gather in a few images (the unlabeled ones), which a split into contiguous ranges
+      // would hand to one thread.
+      constexpr int64_t kBlock = 8;
+      const int64_t maps = B * C, blocks = (maps + kBlock - 1) / kBlock;
+      const int64_t tasks = std::min<int64_t>(blocks, std::max<int64_t>(1, maps / grain(4 * N)));
+      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t blk = t; blk < blocks; blk += tasks) {
+            const int64_t begin = blk * kBlock, count = std::min(kBlock, maps - begin);
+            head_maps_backward(gcp + begin * N, sp + begin * N, cp + begin * N, gp + begin * N,
+                               nonzero.data() + begin, count, N, mode, acc_t(temperature), acc_t(eps));
+          }
       });
     });
   }
