@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml setup.py fastcam/_build.py $(CSRC)
 	$(PY) -m pip install --no-build-isolation -e '.[test,bench]'
 	touch $@
 
-demo: $(STAMP)  ## the main job (until `fastcam demo` lands: the quickstart training loop)
-	$(PY) examples/quickstart.py
+demo: $(STAMP)  ## the main job: `fastcam demo` (SPEC §6)
+	$(VENV)/bin/fastcam demo
 
 test: $(STAMP)  ## the whole test suite, on every backend usable here
 	$(PY) -m pytest -q

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastcam.cli import info
+from fastcam.cli import demo, info
 
-COMMANDS = {"info": info}
+COMMANDS = {"demo": demo, "info": info}
 
 
 def build_parser() -> argparse.ArgumentParser:
