@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastcam.cli import demo, info
+from fastcam.cli import demo, explain, info, train
 
-COMMANDS = {"demo": demo, "info": info}
+COMMANDS = {"demo": demo, "train": train, "explain": explain, "info": info}
 
 
 def build_parser() -> argparse.ArgumentParser:

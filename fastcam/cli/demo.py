@@ -110,8 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="no progress bars")
 
 
-def _fail(message: str) -> int:
-    print(f"fastcam demo: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "demo") -> int:
+    print(f"fastcam {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -177,22 +177,64 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
 # ------------------------------------------------------------------------ training and evaluation
 
 
+def compute_loss(model: nn.Module, criterion, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 attention: bool, body=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, bce, distinct)`` of one batch: ``criterion`` (an AttentionMapLoss) on ``model.body``'s
+    features and ``model.head`` when ``attention``, else the masked BCE (``distinct`` NaN). ``body``
+    replaces ``model.body`` (a DDP wrapper that returns the features)."""
+    features = (body or model.body)(images)
+    if attention:
+        out = criterion(features, model.head, labels, mask, return_output=True)
+        distinct = out.distinct if out.distinct is not None else torch.zeros(())
+        return out.loss, out.bce, distinct
+    loss = masked_bce(model.head(features.mean((2, 3))), labels, mask)
+    return loss, loss, torch.full((), math.nan)
+
+
+def make_optimizer(model: nn.Module, lr: float, total_steps: int, optimizer_state: dict | None = None,
+                   steps_done: int = 0):
+    """AdamW and its one-cycle schedule (peak ``lr``, 15 % warm-up) over ``total_steps``; with
+    ``optimizer_state`` (a resumed run) the schedule goes on after ``steps_done`` steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, pct_start=0.15, total_steps=total_steps,
+                                                    last_epoch=steps_done - 1 if optimizer_state else -1)
+    return optimizer, scheduler
+
+
+def make_criterion(args) -> fastcam.AttentionMapLoss:
+    return fastcam.AttentionMapLoss(lambda_distinct=args.lambda_distinct, lambda_consist=args.lambda_consist,
+                                    lambda_coherence=args.lambda_coherence, normalize=args.normalize,
+                                    measure=args.measure, unlabeled="predicted", backend=args.backend)
+
+
 @torch.no_grad()
-def predict(model: SmallCNN, images: torch.Tensor, device: torch.device, backend: str, *,
-            batch_size: int = 256, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[N, C]`` and max-normalized maps ``[N, C, h, w]`` (on the CPU) of the model in eval mode."""
+def predict_batches(model: nn.Module, batches, device: torch.device, backend: str, *, bar=None,
+                    autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` and max-normalized maps ``[N, C, h, w]`` (fp32, on the CPU) of ``model``
+    (with ``body`` and ``head``) in eval mode over an iterable of image batches; ``autocast``: bf16
+    autocast on CUDA."""
     model.eval()
     logits, cams = [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        lg, cm = fastcam.cam_head(model.body(x), model.head.weight, model.head.bias, normalize="max",
-                                  backend=backend)
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            lg, cm = fastcam.cam_head(model.body(x), model.head.weight, model.head.bias, normalize="max",
+                                      backend=backend)
         logits.append(lg.float().cpu())
         cams.append(cm.float().cpu())
         if bar is not None:
             bar.update(x.shape[0])
     model.train()
     return torch.cat(logits), torch.cat(cams)
+
+
+def predict(model: SmallCNN, images: torch.Tensor, device: torch.device, backend: str, *,
+            batch_size: int = 256, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_batches` over ``images`` in batches of ``batch_size``."""
+    batches = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
+    return predict_batches(model, batches, device, backend, bar=bar)
 
 
 def _box_tensors(boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,28 +248,30 @@ def _box_tensors(boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(index, dtype=torch.int64).reshape(-1, 2))
 
 
-def evaluate(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-             box_index: torch.Tensor, image_size: int) -> dict:
-    """Every figure of the table (and more) for one run's test-set logits and maps."""
-    per_class = metrics.per_class_auc(logits, labels)
-    loc = metrics.localization(cams, boxes, box_index, (image_size, image_size))
-    classes = box_index[:, 1]
-    per_class_pointing = {}
-    for c, name in enumerate(SYNTHETIC_CLASSES):
-        hits = loc["pointing"][classes == c]
-        per_class_pointing[name] = hits.double().mean().item() if hits.numel() else math.nan
-    return {
-        "macro_auc": metrics.macro_auc(logits, labels),
-        "per_class_auc": dict(zip(SYNTHETIC_CLASSES, per_class.tolist())),
-        "pointing_game": loc["pointing"].double().mean().item(),
-        "per_class_pointing_game": per_class_pointing,
-        "energy_pointing_game": loc["energy"].mean().item(),
-        "mean_iou": loc["iou"].mean().item(),
-        "mean_iobb": loc["iobb"].mean().item(),
-        "iou_hit_rates": {str(t): v for t, v in metrics.hit_rates(loc["iou"]).items()},
-        "iobb_hit_rates": {str(t): v for t, v in metrics.hit_rates(loc["iobb"]).items()},
-        "copresent_overlap": metrics.copresent_overlap(cams, labels),
-    }
+def evaluate(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None,
+             box_index: torch.Tensor | None, image_size: int, classes=SYNTHETIC_CLASSES,
+             mask: torch.Tensor | None = None) -> dict:
+    """Every figure of the table (and more) for one run's test-set logits and maps. ``mask``: the
+    known labels (None: all); no boxes (None or none at all): no localization figures."""
+    result = {"macro_auc": metrics.macro_auc(logits, labels, mask),
+              "per_class_auc": dict(zip(classes, metrics.per_class_auc(logits, labels, mask).tolist()))}
+    if boxes is not None and boxes.shape[0]:
+        loc = metrics.localization(cams, boxes, box_index, (image_size, image_size))
+        per_class_pointing = {}
+        for c, name in enumerate(classes):
+            hits = loc["pointing"][box_index[:, 1] == c]
+            per_class_pointing[name] = hits.double().mean().item() if hits.numel() else math.nan
+        result |= {
+            "pointing_game": loc["pointing"].double().mean().item(),
+            "per_class_pointing_game": per_class_pointing,
+            "energy_pointing_game": loc["energy"].mean().item(),
+            "mean_iou": loc["iou"].mean().item(),
+            "mean_iobb": loc["iobb"].mean().item(),
+            "iou_hit_rates": {str(t): v for t, v in metrics.hit_rates(loc["iou"]).items()},
+            "iobb_hit_rates": {str(t): v for t, v in metrics.hit_rates(loc["iobb"]).items()},
+        }
+    result["copresent_overlap"] = metrics.copresent_overlap(cams, labels, mask)
+    return result
 
 
 def train(name: str, attention: bool, init: dict, data, test, args, device: torch.device, progress) -> dict:
@@ -240,12 +284,8 @@ def train(name: str, attention: bool, init: dict, data, test, args, device: torc
     model.to(device)
     n = data.images.shape[0]
     steps_per_epoch = math.ceil(n / args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.15,
-                                                    total_steps=args.epochs * steps_per_epoch)
-    criterion = fastcam.AttentionMapLoss(lambda_distinct=args.lambda_distinct, lambda_consist=args.lambda_consist,
-                                         lambda_coherence=args.lambda_coherence, normalize=args.normalize,
-                                         measure=args.measure, unlabeled="predicted", backend=args.backend)
+    optimizer, scheduler = make_optimizer(model, args.lr, args.epochs * steps_per_epoch)
+    criterion = make_criterion(args)
     order = torch.Generator().manual_seed(args.seed)  # the same batches in the same order for both runs
     images, labels, mask = data.images.to(device), data.labels.to(device), data.mask.to(device)
     history = {k: [] for k in ("epoch", "loss", "bce", "distinct", "test_macro_auc", "test_copresent_overlap")}
@@ -258,14 +298,7 @@ def train(name: str, attention: bool, init: dict, data, test, args, device: torc
         sums = {"loss": 0.0, "bce": 0.0, "distinct": 0.0}
         for step in range(steps_per_epoch):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-            features = model.body(images[idx])
-            if attention:
-                out = criterion(features, model.head, labels[idx], mask[idx], return_output=True)
-                loss, bce = out.loss, out.bce
-                distinct = out.distinct if out.distinct is not None else torch.zeros(())
-            else:
-                loss = bce = masked_bce(model.head(features.mean((2, 3))), labels[idx], mask[idx])
-                distinct = torch.full((), math.nan)
+            loss, bce, distinct = compute_loss(model, criterion, images[idx], labels[idx], mask[idx], attention)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -290,16 +323,22 @@ def train(name: str, attention: bool, init: dict, data, test, args, device: torc
 # ------------------------------------------------------------------------ the table
 
 
-def table_rows(results: dict) -> list[tuple[str, float, float]]:
-    b, a = results["baseline"], results["attention"]
-    rows = [("macro ROC AUC", b["macro_auc"], a["macro_auc"]),
-            ("pointing game (hit rate)", b["pointing_game"], a["pointing_game"]),
-            ("energy pointing game", b["energy_pointing_game"], a["energy_pointing_game"])]
-    for key, label in (("iou_hit_rates", "IoU"), ("iobb_hit_rates", "IoBB")):
-        for t in TABLE_THRESHOLDS:
-            rows.append((f"{label} >= {t} (hit rate)", b[key][str(t)], a[key][str(t)]))
-    rows.append(("co-present map overlap (cosine, lower = apart)", b["copresent_overlap"], a["copresent_overlap"]))
+def metric_rows(result: dict) -> list[tuple[str, float]]:
+    """``(label, value)`` of the table's rows for one :func:`evaluate` result (localization rows
+    only when it has them)."""
+    rows = [("macro ROC AUC", result["macro_auc"])]
+    if "pointing_game" in result:
+        rows += [("pointing game (hit rate)", result["pointing_game"]),
+                 ("energy pointing game", result["energy_pointing_game"])]
+        for key, label in (("iou_hit_rates", "IoU"), ("iobb_hit_rates", "IoBB")):
+            rows += [(f"{label} >= {t} (hit rate)", result[key][str(t)]) for t in TABLE_THRESHOLDS]
+    rows.append(("co-present map overlap (cosine, lower = apart)", result["copresent_overlap"]))
     return rows
+
+
+def table_rows(results: dict) -> list[tuple[str, float, float]]:
+    base, att = metric_rows(results["baseline"]), metric_rows(results["attention"])
+    return [(label, b, a) for (label, b), (_, a) in zip(base, att)]
 
 
 def format_table(results: dict) -> str:
@@ -332,6 +371,18 @@ def _pick_rows(test, count: int) -> list[int]:
         if len(picked) == count:
             break
     return picked
+
+
+def draw_map(ax, image, cam: torch.Tensor) -> None:
+    """``image`` (2-D, in [0, 1]) in gray with a max-normalized map of the same size over it (jet,
+    more opaque where the map is high)."""
+    import matplotlib
+
+    m = cam.clamp(0, 1).numpy()
+    rgba = matplotlib.colormaps["jet"](m)
+    rgba[..., 3] = 0.15 + 0.6 * m
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(rgba)
 
 
 def save_overlays(path: str, test, outputs: dict, rows: list[int]) -> None:
@@ -368,11 +419,7 @@ def save_overlays(path: str, test, outputs: dict, rows: list[int]) -> None:
         for k, c in enumerate(present[r]):
             for j, run in enumerate(RUNS):
                 ax = axes[r, 1 + 2 * k + j]
-                m = maps[run][r, c].clamp(0, 1).numpy()
-                rgba = plt.get_cmap("jet")(m)
-                rgba[..., 3] = 0.15 + 0.6 * m
-                ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-                ax.imshow(rgba)
+                draw_map(ax, image, maps[run][r, c])
                 boxes_on(ax, i, {c}, color="white")
                 p = torch.sigmoid(outputs[run]["logits"][i, c]).item()
                 ax.set_title(f"{SYNTHETIC_CLASSES[c]} map\n{RUN_TITLES[run]}, p={p:.2f}", fontsize=8,
