@@ -36,8 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, c10::string_view,
                             double, bool, int64_t, int64_t, c10::ArrayRef<double>)>();
   auto [logits, scores, cams] = head.call(features_as_bkn(features), weight, bias, normalize, temperature, eps);
-  const OptTensor y = labels.has_value() ? OptTensor(labels->to(logits.scalar_type())) : std::nullopt;
-  const at::Tensor terms = terms_op.call(logits, cams, y, label_mask, measure, eps, predicted, grid_h, grid_w, weights);
+  // labels as given: the kernels cast them (the CPU kernel checks their range first).
+  const at::Tensor terms =
+      terms_op.call(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w, weights);
   const auto t = terms.unbind();
   const at::Tensor maps = features.dim() == 4 ? cams.unflatten(-1, {features.size(2), features.size(3)}) : cams;
   return {t[0], t[1], t[2], t[3], t[4], logits.to(features.scalar_type()), maps};

@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <charconv>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../common/checks.h"
@@ -175,9 +178,64 @@ void dense_groups_backward(const Inputs& in, const std::vector<T>& q, const Grou
   }
 }
 
+// A double as Python's repr() writes it: the shortest digits that read back to the same
+// value, in fixed notation for decimal exponents -4..15 and scientific ("1e-09") otherwise.
+std::string python_float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  const std::string sci(buf, res.ptr);  // "-d.ddde+XX"
+  const size_t e_at = sci.find('e');
+  const int exponent = std::stoi(sci.substr(e_at + 1));
+  const bool negative = sci[0] == '-';
+  std::string digits;
+  for (size_t i = negative ? 1 : 0; i < e_at; ++i)
+    if (sci[i] != '.') digits += sci[i];
+  std::string out = negative ? "-" : "";
+  if (exponent < -4 || exponent >= 16) {
+    out += digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    const std::string mag = std::to_string(std::abs(exponent));
+    return out + "e" + (exponent < 0 ? "-" : "+") + (mag.size() < 2 ? "0" + mag : mag);
+  }
+  if (exponent < 0) return out + "0." + std::string(-exponent - 1, '0') + digits;
+  if (int64_t(digits.size()) <= exponent + 1) return out + digits + std::string(exponent + 1 - digits.size(), '0') + ".0";
+  return out + digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+}
+
+// Known labels must lie in [0, 1] (NaN does not). Checked here, on the labels as given, for
+// CPU tensors: fastcam.functional leaves this check to the cpu backend's kernel (a dozen small
+// tensor ops less per step) and raises the same ValueError, with the same message, elsewhere.
+void check_known_labels(const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& label_mask) {
+  if (!labels.has_value() || labels->scalar_type() == at::kBool || labels->dim() != 2) return;
+  const at::Tensor y = labels->contiguous();
+  const at::Tensor m = label_mask.has_value() ? label_mask->contiguous() : at::Tensor();
+  if (m.defined() && (m.scalar_type() != at::kBool || m.sizes() != y.sizes())) return;  // prepare_terms says why
+  int64_t count = 0, first = -1;
+  double first_value = 0;
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastcam_check_labels", [&] {
+    const scalar_t* p = y.const_data_ptr<scalar_t>();
+    const bool* mk = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+    for (int64_t i = 0; i < y.numel(); ++i) {
+      const double v = static_cast<double>(p[i]);
+      if ((mk && !mk[i]) || (v >= 0 && v <= 1)) continue;
+      if (first < 0) first = i, first_value = v;
+      ++count;
+    }
+  });
+  if (count == 0) return;
+  const int64_t C = y.size(1);
+  const std::string value = at::isIntegralType(y.scalar_type(), false)
+                                ? std::to_string(static_cast<int64_t>(first_value))
+                                : python_float_repr(first_value);
+  TORCH_CHECK_VALUE(false, "labels must lie in [0, 1] where known (label_mask True); ", count,
+                    " known entries do not, e.g. labels[", first / C, ", ", first % C, "] = ", value);
+}
+
 at::Tensor attention_terms_cpu(const at::Tensor& logits, const at::Tensor& cams, const std::optional<at::Tensor>& labels,
                                const std::optional<at::Tensor>& label_mask, c10::string_view measure, double eps,
                                bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
+  check_known_labels(labels, label_mask);
   const Inputs in = prepare_terms(logits, cams, labels, label_mask);
   const Measure m = parse_measure(std::string(measure));
   const TermWeights w = parse_weights(weights);
