@@ -69,38 +69,13 @@ void scores_gemm(const at::Tensor& features, const at::Tensor& w, at::Tensor& sc
 at::Tensor feature_sums(const at::Tensor& features, at::ScalarType acc) {
   const int64_t B = features.size(0), K = features.size(1), N = features.size(2);
   at::Tensor out = at::empty({B, K}, features.options().dtype(acc));
-  const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
-  if (features.scalar_type() == at::kBFloat16 && (sn == 1 || sk == 1)) {
-    const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<at::BFloat16>());
-    float* o = out.mutable_data_ptr<float>();
-    at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
-      bf16_feature_sums(f + begin * sb, o + begin * K, end - begin, K, N, sb, sk, sn);
-    });
-    return out;
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_feature_sums", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* f = features.const_data_ptr<scalar_t>();
-    acc_t* o = out.mutable_data_ptr<acc_t>();
-    if (sn == 1 || N == 1) {  // NCHW: a contiguous row of positions per channel
-      at::parallel_for(0, B * K, grain(N), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* row = f + (i / K) * sb + (i % K) * sk;
-          o[i] = sum_over<acc_t>(N, [&](int64_t n) { return acc_t(row[n]); });
-        }
-      });
-    } else {  // channels-last and tokens: a row of channels per position
-      at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          acc_t* ob = o + b * K;
-          std::fill(ob, ob + K, acc_t(0));
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* col = f + b * sb + n * sn;
-            for (int64_t k = 0; k < K; ++k) ob[k] += acc_t(col[k * sk]);
-          }
-        }
-      });
-    }
+    auto* o = out.mutable_data_ptr<at::opmath_type<scalar_t>>();
+    const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
+    at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
+      sum_positions(f + begin * sb, o + begin * K, end - begin, K, N, sb, sk, sn);
+    });
   });
   return out;
 }
