@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "composite.h"
+
 namespace fastcam {
 namespace {
 
@@ -153,12 +155,102 @@ at::Tensor attention_terms_autograd(const at::Tensor& logits, const at::Tensor& 
                                weights)[0];
 }
 
+// ----------------------------------------------------------------------- attention_loss
+
+// The whole loss as one autograd node: its backward calls attention_terms_backward and
+// cam_head_backward directly, with the gradients that reach the returned logits and maps added
+// in between. One node instead of the five a composite makes (the head, the terms, the unbind of
+// the terms, the logits' cast, the maps' view): less per-step overhead in the autograd engine.
+class AttentionLoss : public Function<AttentionLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& weight,
+                               const OptTensor& bias, const OptTensor& labels, const OptTensor& label_mask,
+                               c10::string_view normalize, c10::string_view measure, double temperature, double eps,
+                               bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const AttentionLossParts p = attention_loss_parts(features, weight, bias, labels, label_mask, normalize, measure,
+                                                      temperature, eps, predicted, grid_h, grid_w, weights);
+    ctx->save_for_backward({p.features, weight, p.scores, p.cams, p.logits, labels.value_or(at::Tensor()),
+                            label_mask.value_or(at::Tensor())});
+    ctx->saved_data["normalize"] = std::string(normalize);
+    ctx->saved_data["measure"] = std::string(measure);
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["predicted"] = predicted;
+    ctx->saved_data["grid_h"] = grid_h;
+    ctx->saved_data["grid_w"] = grid_w;
+    ctx->saved_data["weights"] = std::vector<double>(weights.begin(), weights.end());
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? int64_t(bias->scalar_type()) : int64_t(-1);
+    ctx->saved_data["features_shape"] = features.sizes().vec();
+    ctx->set_materialize_grads(false);
+    const auto t = p.terms.unbind();
+    return {t[0], t[1], t[2], t[3], t[4], logits_like_features(p.logits, features), maps_like_features(p.cams, features)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto terms_bwd = op<TermsBackwardSignature>("fastcam::attention_terms_backward");
+    static auto head_bwd = op<Tensor3(const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, c10::string_view, double, double,
+                                      std::array<bool, 3>)>("fastcam::cam_head_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &f = saved[0], &weight = saved[1], &scores = saved[2], &cams = saved[3], &logits = saved[4];
+    variable_list out(13);
+    // dL/dlogits and dL/dcams [B, C, N] (acc): through the terms, plus what reached the outputs.
+    at::Tensor gl, gc;
+    bool any_term = false;
+    for (int i = 0; i < 5; ++i) any_term = any_term || grads[i].defined();
+    if (any_term) {
+      std::vector<at::Tensor> parts(5);
+      for (int i = 0; i < 5; ++i)
+        parts[i] = grads[i].defined() ? grads[i].to(cams.scalar_type()) : at::zeros({}, cams.options());
+      const std::string measure = ctx->saved_data["measure"].toStringRef();
+      const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
+      std::tie(gl, gc) = terms_bwd.call(at::stack(parts), logits, cams, defined_or_none(saved[5]),
+                                        defined_or_none(saved[6]), measure, ctx->saved_data["eps"].toDouble(),
+                                        ctx->saved_data["predicted"].toBool(), ctx->saved_data["grid_h"].toInt(),
+                                        ctx->saved_data["grid_w"].toInt(), weights);
+    }
+    if (grads[5].defined()) gl = gl.defined() ? gl.add(grads[5]) : grads[5].to(logits.scalar_type());
+    if (grads[6].defined()) {
+      const at::Tensor g = grads[6].reshape(cams.sizes());
+      gc = gc.defined() ? gc.add(g) : g.to(cams.scalar_type());
+    }
+    if (!gl.defined() && !gc.defined()) return out;
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      bias_dtype >= 0 && ctx->needs_input_grad(2)};
+    if (!mask[0] && !mask[1] && !mask[2]) return out;
+    const std::string normalize = ctx->saved_data["normalize"].toStringRef();
+    auto [gf, gw, gb] = head_bwd.call(defined_or_none(gl), defined_or_none(gc), f, weight, scores, cams, normalize,
+                                      ctx->saved_data["temperature"].toDouble(), ctx->saved_data["eps"].toDouble(),
+                                      mask);
+    if (mask[0]) {
+      // gf has the [B, K, N] view's strides: back to the features' shape ([B, K, H, W] or [B, N, K]).
+      const auto shape = ctx->saved_data["features_shape"].toIntVector();
+      out[0] = shape.size() == 4 ? gf.view(shape) : gf.transpose(1, 2);
+    }
+    if (mask[1]) out[1] = gw.to(weight.scalar_type());
+    if (mask[2]) out[2] = gb.to(c10::ScalarType(bias_dtype));
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_loss_autograd(
+    const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias, const OptTensor& labels,
+    const OptTensor& label_mask, c10::string_view normalize, c10::string_view measure, double temperature, double eps,
+    bool predicted, int64_t grid_h, int64_t grid_w, c10::ArrayRef<double> weights) {
+  auto o = AttentionLoss::apply(features, weight, bias, labels, label_mask, normalize, measure, temperature, eps,
+                                predicted, grid_h, grid_w, weights);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcam, Autograd, m) {
   m.impl("cam_head", &cam_head_autograd);
   m.impl("pairwise_overlap", &pairwise_overlap_autograd);
   m.impl("attention_terms", &attention_terms_autograd);
+  m.impl("attention_loss", &attention_loss_autograd);
 }
 
 }  // namespace fastcam
