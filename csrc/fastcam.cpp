@@ -15,6 +15,8 @@
 
 #include <string>
 
+#include "cpu/bf16_gemm.h"
+
 // What this library was built against, set by setup.py / the JIT build (fastcam/_build.py).
 #define FASTCAM_STR2(x) #x
 #define FASTCAM_STR(x) FASTCAM_STR2(x)
@@ -48,6 +50,9 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastcam, m) {
   m.def("build_info() -> str", &build_info);
+  // Whether the CPU kernels compute S = W F of bf16 features on the CPU's bf16 matrix units
+  // here (csrc/cpu/bf16_gemm.h); FASTCAM_CPU_BF16_GEMM=0 turns that off.
+  m.def("cpu_bf16_gemm() -> bool", &fastcam::cpu::bf16_gemm_available);
   // logits [B, C] (acc), scores S = W F [B, C, N] (acc), cams = normalize(S) [B, C, N] (acc).
   m.def(
       "cam_head(Tensor features, Tensor weight, Tensor? bias, str normalize, float temperature, "

@@ -76,9 +76,12 @@ def _probe() -> dict[str, BackendInfo]:
         except Exception as exc:  # noqa: BLE001 - whatever fails to compile or import is the reason
             triton_reason = f"fastcam's Triton kernels failed to load: {exc}"
     triton_devices = ("cuda", "cpu") if interpret else ("cuda",)
+    cpu_version = compiled_version
+    if built is not None and torch.ops.fastcam.cpu_bf16_gemm():
+        cpu_version += "; bf16 features on the CPU's bf16 matrix units"
     return {
         "torch": BackendInfo("torch", True, ("cpu", "cuda"), torch.__version__),
-        "cpu": BackendInfo("cpu", built is not None, ("cpu",), compiled_version, ext_reason or ""),
+        "cpu": BackendInfo("cpu", built is not None, ("cpu",), cpu_version, ext_reason or ""),
         "cuda": BackendInfo("cuda", cuda_reason is None, ("cuda",), compiled_version, cuda_reason or "", archs),
         "triton": BackendInfo("triton", not triton_reason, triton_devices, triton_version, triton_reason),
     }

@@ -1,10 +1,12 @@
-// cam_head on the CPU. The two GEMMs over the features (S = W F forward; dF = W^T G and
-// dW = G F^T backward) run on ATen's BLAS, a chunk of images at a time, converting each
-// chunk of bf16/fp16 features to fp32 once; normalization, logits and G = dL/dS +
-// dL/dlogits / N are fused per map around them.
+// cam_head on the CPU. S = W F forward: on the CPU's bf16 matrix units for bf16 features where
+// it has them (bf16_gemm.h), else by ATen's BLAS an image per thread on converted copies;
+// normalization and logits per map after it. Backward: G = dL/dS + dL/dlogits / N split in a
+// dense part over the few weighted maps and a rank-one part, by direct loops over the features
+// for most images and GEMMs for the images with many weighted maps (head_backward below).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,8 +16,10 @@
 #include "../common/map_math.h"
 #include "../common/checks.h"
 #include "../common/options.h"
+#include "bf16_gemm.h"
 #include "head_maps.h"
 #include "parallel.h"
+#include "vec.h"
 
 namespace fastcam::cpu {
 namespace {
@@ -43,41 +47,36 @@ at::Tensor chunk_as_acc(const at::Tensor& features, int64_t b0, int64_t b1, at::
   return out;
 }
 
-// Images per chunk: about 2^18 converted values (1 MiB of fp32) at a time, so that the
-// converted chunk is still in the L2 cache when BLAS reads it.
-int64_t chunk_size(const at::Tensor& features) {
-  const int64_t per_image = std::max<int64_t>(1, features.size(1) * features.size(2));
-  return std::max<int64_t>(1, (int64_t(1) << 18) / per_image);
-}
-
-// S[b] = W F[b], the GEMM done by ATen's BLAS on each image of a converted chunk
-// (BLAS reads F[b] as it lies: [K, N] for NCHW, transposed for channels-last and tokens).
+// S[b] = W F[b]. bf16 features: on the CPU's bf16 matrix units where it has them
+// (bf16_gemm.h). Otherwise, and for the images they leave, fp32 GEMMs by ATen's BLAS, an image
+// per task when there are enough images for the threads (each converted into its thread's
+// buffer, still in its cache when BLAS reads it, and multiplied there on one thread: splitting
+// one small GEMM across threads costs more than it gains), else an image at a time on every
+// thread. BLAS reads F[b] as it lies: [K, N] for NCHW, transposed for channels-last and tokens.
 void scores_gemm(const at::Tensor& features, const at::Tensor& w, at::Tensor& scores) {
-  const int64_t B = features.size(0), step = chunk_size(features);
-  for (int64_t b0 = 0; b0 < B; b0 += step) {
-    const int64_t b1 = std::min(B, b0 + step);
-    const at::Tensor fc = chunk_as_acc(features, b0, b1, w.scalar_type());
-    for (int64_t i = 0; i < b1 - b0; ++i) {
-      at::Tensor out = scores[b0 + i];
-      at::mm_out(out, w, fc[i]);
+  const int64_t B = features.size(0);
+  std::vector<char> done(B, 0);
+  if (features.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat && bf16_gemm_available())
+    done = scores_bf16(features, w, scores);
+  std::vector<int64_t> todo;
+  for (int64_t b = 0; b < B; ++b)
+    if (!done[b]) todo.push_back(b);
+  if (int64_t(todo.size()) < at::get_num_threads()) {
+    for (const int64_t b : todo) {
+      at::Tensor out = scores[b];
+      at::mm_out(out, w, chunk_as_acc(features, b, b + 1, w.scalar_type())[0]);
     }
+    return;
   }
-}
-
-// Fsum[b, k] = sum_n F[b, k, n] in the accumulation type, reading F once as it lies (at::sum
-// with a dtype would convert all of F first).
-at::Tensor feature_sums(const at::Tensor& features, at::ScalarType acc) {
-  const int64_t B = features.size(0), K = features.size(1), N = features.size(2);
-  at::Tensor out = at::empty({B, K}, features.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_feature_sums", [&] {
-    const scalar_t* f = features.const_data_ptr<scalar_t>();
-    auto* o = out.mutable_data_ptr<at::opmath_type<scalar_t>>();
-    const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
-    at::parallel_for(0, B, grain(K * N), [&](int64_t begin, int64_t end) {
-      sum_positions(f + begin * sb, o + begin * K, end - begin, K, N, sb, sk, sn);
-    });
+  const at::ThreadLocalState state;  // the caller's dispatch state (below autograd, inference mode)
+  at::parallel_for(0, int64_t(todo.size()), 1, [&](int64_t i0, int64_t i1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = todo[i];
+      at::Tensor out = scores[b];
+      at::mm_out(out, w, chunk_as_acc(features, b, b + 1, w.scalar_type())[0]);
+    }
   });
-  return out;
 }
 
 // Images whose Gm has at most this many nonzero rows take direct loops instead of GEMMs.
@@ -85,71 +84,103 @@ constexpr int64_t kDirectRows = 8;
 
 // The head's backward, with G = Gm + g0 1^T split in two: Gm = dL/dS through the maps,
 // g0 = dL/dlogits / N (constant over the positions). Then
-//   dF[b] = W^T Gm[b] + (W^T g0[b]) 1^T        dW = sum_b Gm[b] F[b]^T + g0^T Fsum
+//   dF[b] = W^T Gm[b] + v[b] 1^T, v[b] = W^T g0[b]      dW = sum_b Gm[b] F[b]^T + g0[b] Fsum[b]^T
 // with Fsum[b] = sum_n F[b, :, n]. A row of Gm is zero for every map that no loss term
 // weighs (a labeled image's maps without a positive partner: most of a batch at the real
-// label rates), so only the nonzero rows `rows[b]` of each image enter its products: by
-// direct loops over the features as they lie when there are few (no conversion, dF written
-// in one pass), by GEMMs on a converted chunk of images otherwise. dF[b] is written once, in
-// the features' dtype and strides; the GEMM path computes it in its own memory order ([N, K]
-// for channels-last and tokens) so that the conversion into it is a plain copy.
+// label rates), so only the nonzero rows `rows[b]` of each image enter its products.
+//
+// One parallel region over ranges of channels does every image's light part: v, Fsum and the
+// g0 part of dW, and, for an image with few nonzero rows, its whole dF and dW by direct loops
+// over the features as they lie (no conversion, dF written in one pass). Each thread owns the
+// columns [k0, k1) of dW across all images: no atomics, and the order of every sum is fixed
+// whatever the thread count. The images with many nonzero rows then take GEMMs on a converted
+// chunk of images; dF[b] is written once, in the features' dtype and strides, the GEMM path
+// computing it in its own memory order ([N, K] for channels-last and tokens) so that the
+// conversion into it is a plain copy.
 void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
                    const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df, at::Tensor& dw) {
   const int64_t B = features.size(0), K = w.size(1), C = w.size(0), N = features.size(2);
-  const int64_t step = chunk_size(features);
   const bool channels_last = df.defined() && N > 1 && df.stride(1) == 1;
-  const at::Tensor v = (df.defined() && g0.defined()) ? at::mm(g0, w) : at::Tensor();  // [B, K]
-  for (int64_t b0 = 0; b0 < B; b0 += step) {
-    const int64_t b1 = std::min(B, b0 + step);
-    bool any_gemm = false;
-    for (int64_t b = b0; b < b1; ++b) any_gemm = any_gemm || int64_t(rows[b].size()) > kDirectRows;
-    const at::Tensor fc = (dw.defined() && any_gemm) ? chunk_as_acc(features, b0, b1, w.scalar_type()) : at::Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t nr = int64_t(rows[b].size());
-      if (nr <= kDirectRows) {
-        if (!df.defined() && (!dw.defined() || nr == 0)) continue;
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_head_bwd_direct", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          std::vector<const acc_t*> g(nr);
-          for (int64_t r = 0; r < nr; ++r) g[r] = gm.const_data_ptr<acc_t>() + (b * C + rows[b][r]) * N;
-          const scalar_t* fb = features.const_data_ptr<scalar_t>() + b * features.stride(0);
-          scalar_t* dfb = df.defined() ? df.mutable_data_ptr<scalar_t>() + b * df.stride(0) : nullptr;
-          const acc_t* vb = v.defined() ? v.const_data_ptr<acc_t>() + b * K : nullptr;
-          acc_t* dwp = dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr;
-          const int64_t dsk = df.defined() ? df.stride(1) : 0, dsn = df.defined() ? df.stride(2) : 0;
-          at::parallel_for(0, K, grain((2 * nr + 1) * N), [&](int64_t k0, int64_t k1) {
-            direct_image_backward(fb, features.stride(1), features.stride(2), dfb, dsk, dsn, K, N,
-                                  w.const_data_ptr<acc_t>(), g.data(), rows[b].data(), nr, vb, dwp, k0, k1);
-          });
-        });
-        continue;
-      }
-      at::Tensor ga = gm[b], wa = w, index;
-      if (nr < C) {
-        index = at::tensor(c10::ArrayRef<int64_t>(rows[b]), at::kLong);
-        ga = ga.index_select(0, index);
-        wa = w.index_select(0, index);
-      }
-      if (dw.defined()) {
-        if (nr == C) dw.addmm_(ga, fc[b - b0].t());
-        else dw.index_add_(0, index, at::mm(ga, fc[b - b0].t()));
-      }
-      if (!df.defined()) continue;
-      at::Tensor product = scratch(1, K * N, w.scalar_type());
-      if (channels_last) {
-        product = product.narrow(0, 0, N * K).view({N, K});
-        if (v.defined()) at::addmm_out(product, v[b].unsqueeze(0), ga.t(), wa);
-        else at::mm_out(product, ga.t(), wa);
-        df[b].t().copy_(product);
-      } else {
-        product = product.narrow(0, 0, K * N).view({K, N});
-        if (v.defined()) at::addmm_out(product, v[b].unsqueeze(1), wa.t(), ga);
-        else at::mm_out(product, wa.t(), ga);
-        df[b].copy_(product);
-      }
+  const bool need_v = df.defined() && g0.defined(), need_fsum = dw.defined() && g0.defined();
+  at::Tensor v = need_v ? at::empty({B, K}, w.options()) : at::Tensor();
+  std::vector<int64_t> gemm_images;
+  for (int64_t b = 0; b < B; ++b)
+    if (int64_t(rows[b].size()) > kDirectRows) gemm_images.push_back(b);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "fastcam_head_bwd_direct", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* g0p = g0.defined() ? g0.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* gmp = gm.defined() ? gm.const_data_ptr<acc_t>() : nullptr;
+    acc_t* vp = need_v ? v.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* dwp = dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr;
+    const scalar_t* fp = features.const_data_ptr<scalar_t>();
+    scalar_t* dfp = df.defined() ? df.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
+    const int64_t dsb = df.defined() ? df.stride(0) : 0, dsk = df.defined() ? df.stride(1) : 0,
+                  dsn = df.defined() ? df.stride(2) : 0;
+    // Work per channel: every image's reads of F (and writes of dF), its rows' products, v.
+    int64_t per_channel = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t nr = int64_t(rows[b].size()) > kDirectRows ? 0 : int64_t(rows[b].size());
+      per_channel += (2 * nr + 2) * N + (need_v ? C : 0) + (need_fsum ? C : 0);
     }
+    at::parallel_for(0, K, std::max<int64_t>(16, grain(per_channel)), [&](int64_t k0, int64_t k1) {
+      std::vector<acc_t> fsum(need_fsum ? K : 0);
+      std::vector<const acc_t*> g(kDirectRows);
+      for (int64_t b = 0; b < B; ++b) {
+        const bool direct = int64_t(rows[b].size()) <= kDirectRows;
+        const int64_t nr = direct ? int64_t(rows[b].size()) : 0;
+        acc_t* vb = vp ? vp + b * K : nullptr;
+        if (vb) {  // v[b] = W^T g0[b]
+          std::fill(vb + k0, vb + k1, acc_t(0));
+          for (int64_t c = 0; c < C; ++c) axpy(vb + k0, wp + c * K + k0, g0p[b * C + c], k1 - k0);
+        }
+        for (int64_t r = 0; r < nr; ++r) g[r] = gmp + (b * C + rows[b][r]) * N;
+        // The GEMM images only get their Fsum here (their dF and dW come below).
+        scalar_t* dfb = (direct && dfp) ? dfp + b * dsb : nullptr;
+        acc_t* dwb = (direct && nr > 0) ? dwp : nullptr;
+        acc_t* fs = need_fsum ? fsum.data() : nullptr;
+        if (dfb || dwb || fs)
+          direct_image_backward(fp + b * sb, sk, sn, dfb, dsk, dsn, K, N, wp, g.data(), rows[b].data(), nr, vb, dwb,
+                                fs, k0, k1);
+        if (fs)  // dW[c, k] += g0[b, c] Fsum[b, k]
+          for (int64_t c = 0; c < C; ++c) axpy(dwp + c * K + k0, fs + k0, g0p[b * C + c], k1 - k0);
+      }
+    });
+  });
+  // The GEMM images, one at a time with BLAS on every thread. (An image per thread, each with
+  // its own dW accumulator, measured no faster at batch 4-8.)
+  for (const int64_t b : gemm_images) {
+    const int64_t nr = int64_t(rows[b].size());
+    const at::Tensor fb = dw.defined() ? chunk_as_acc(features, b, b + 1, w.scalar_type())[0] : at::Tensor();
+    at::Tensor ga = gm[b], wa = w, index;
+    if (nr < C) {
+      index = at::tensor(c10::ArrayRef<int64_t>(rows[b]), at::kLong);
+      ga = ga.index_select(0, index);
+      wa = w.index_select(0, index);
+    }
+    if (dw.defined()) {
+      if (nr == C) dw.addmm_(ga, fb.t());
+      else dw.index_add_(0, index, at::mm(ga, fb.t()));
+    }
+    if (!df.defined()) continue;
+    // dF[b] = W_A^T G_A (+ v[b] 1^T), the product in dF's memory order ([N, K] for channels-last
+    // and tokens), v added while it is converted into dF.
+    at::Tensor product = scratch(1, K * N, w.scalar_type());
+    const int64_t rows_out = channels_last ? N : K, cols_out = channels_last ? K : N;
+    product = product.narrow(0, 0, K * N).view({rows_out, cols_out});
+    if (channels_last) at::mm_out(product, ga.t(), wa);
+    else at::mm_out(product, wa.t(), ga);
+    const int64_t ld = channels_last ? df.stride(2) : df.stride(1);
+    // df is empty_like of the [B, K, N] view, which has stride 1 along N or K (features_as_bkn).
+    TORCH_INTERNAL_ASSERT(cols_out == 1 || (channels_last ? df.stride(1) : df.stride(2)) == 1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, df.scalar_type(), "fastcam_head_bwd_store", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      store_plus(product.const_data_ptr<acc_t>(), rows_out, cols_out,
+                 v.defined() ? v.const_data_ptr<acc_t>() + b * K : nullptr, !channels_last,
+                 df.mutable_data_ptr<scalar_t>() + b * df.stride(0), ld);
+    });
   }
-  if (dw.defined() && g0.defined()) dw.addmm_(g0.t(), feature_sums(features, w.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cpu(const at::Tensor& features, const at::Tensor& weight,
@@ -194,8 +225,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cpu(
   auto opts = features.options().dtype(acc);
   at::Tensor df = output_mask[0] ? at::empty_like(features) : at::Tensor();
   at::Tensor dw = output_mask[1] ? at::zeros({C, K}, opts) : at::Tensor();
-  at::Tensor db = output_mask[2] ? (gl.defined() ? gl.sum(0) : at::zeros({C}, opts)) : at::Tensor();
-  const at::Tensor g0 = gl.defined() ? gl / double(N) : at::Tensor();
+  // g0 = dL/dlogits / N and db = its column sums, by loops (two ATen ops cost more than the work).
+  at::Tensor db = output_mask[2] ? at::zeros({C}, opts) : at::Tensor();
+  at::Tensor g0 = gl.defined() ? at::empty({B, C}, opts) : at::Tensor();
+  if (gl.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastcam_cam_head_bwd_g0", [&] {
+      const scalar_t* src = gl.const_data_ptr<scalar_t>();
+      scalar_t* g = g0.mutable_data_ptr<scalar_t>();
+      scalar_t* bsum = db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) {
+          g[b * C + c] = src[b * C + c] / scalar_t(N);
+          if (bsum) bsum[c] += src[b * C + c];
+        }
+    });
+  }
   // Gm = dL/dS through the normalization, and which of its rows are not zero (only those are
   // written: a zero gradient on a map of finite scores has a zero dL/dS).
   at::Tensor gm = gc.defined() ? at::empty({B, C, N}, opts) : at::Tensor();

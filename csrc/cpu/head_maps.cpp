@@ -69,12 +69,18 @@ inline void store(c10::Half* p, float x) { *p = c10::Half(x); }
 // the loops run along n; else along k (channels-last and tokens, sk == dsk == 1) or strided.
 template <bool kUnitN, typename T, typename A>
 void direct_rows(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N,
-                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0,
-                 int64_t k1) {
+                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, A* fsum,
+                 int64_t k0, int64_t k1) {
   std::vector<A> tmp(N);
   const int64_t fn = kUnitN ? 1 : sn, dn = kUnitN ? 1 : dsn;
   for (int64_t k = k0; k < k1; ++k) {
     const T* fk = f + k * sk;
+    if (fsum) {
+      A total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t n = 0; n < N; ++n) total += load(fk[n * fn]);
+      fsum[k] = total;
+    }
     if (dw) {
       for (int64_t r = 0; r < nr; ++r) {
         const A* gr = g[r];
@@ -84,7 +90,12 @@ void direct_rows(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t
         dw[rows[r] * K + k] += total;
       }
     }
-    if (df) {
+    if (df && nr == 0) {  // a constant row: converted once, then filled
+      T value;
+      store(&value, v ? v[k] : A(0));
+      T* __restrict dk = df + k * dsk;
+      for (int64_t n = 0; n < N; ++n) dk[n * dn] = value;
+    } else if (df) {
       const A base = v ? v[k] : A(0);
       A* __restrict t = tmp.data();
       for (int64_t n = 0; n < N; ++n) t[n] = base;
@@ -103,11 +114,18 @@ void direct_rows(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t
 
 template <typename T, typename A>
 void direct_columns(const T* f, int64_t sn, T* df, int64_t dsn, int64_t K, int64_t N, const A* w,
-                    const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0, int64_t k1) {
+                    const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, A* fsum, int64_t k0,
+                    int64_t k1) {
   const int64_t len = k1 - k0;
   std::vector<A> tmp(len);
+  if (fsum) std::fill(fsum + k0, fsum + k1, A(0));
   for (int64_t n = 0; n < N; ++n) {
     const T* __restrict fn = f + n * sn + k0;
+    if (fsum) {
+      A* __restrict out = fsum + k0;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) out[k] += load(fn[k]);
+    }
     for (int64_t r = 0; dw && r < nr; ++r) {
       const A gv = g[r][n];
       A* __restrict out = dw + rows[r] * K + k0;
@@ -131,14 +149,14 @@ void direct_columns(const T* f, int64_t sn, T* df, int64_t dsn, int64_t K, int64
 
 template <typename T, typename A>
 void direct_impl(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N,
-                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0,
-                 int64_t k1) {
+                 const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, A* fsum,
+                 int64_t k0, int64_t k1) {
   if ((sn == 1 && (!df || dsn == 1)) || N == 1)
-    direct_rows<true>(f, sk, 1, df, dsk, 1, K, N, w, g, rows, nr, v, dw, k0, k1);
+    direct_rows<true>(f, sk, 1, df, dsk, 1, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);
   else if (sk == 1 && (!df || dsk == 1))
-    direct_columns(f, sn, df, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
+    direct_columns(f, sn, df, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);
   else
-    direct_rows<false>(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
+    direct_rows<false>(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);
 }
 
 // sum_positions (head_maps.h).
@@ -164,7 +182,41 @@ void sums_impl(const T* f, A* out, int64_t B, int64_t K, int64_t N, int64_t sb, 
   }
 }
 
+template <typename T, typename A>
+void store_plus_impl(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* __restrict src = p + r * cols;
+    T* __restrict dst = out + r * ld;
+    if (!v) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) store(dst + c, src[c]);
+    } else if (v_per_row) {
+      const A add = v[r];
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) store(dst + c, src[c] + add);
+    } else {
+      const A* __restrict vc = v;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) store(dst + c, src[c] + vc[c]);
+    }
+  }
+}
+
 }  // namespace
+
+#define FC_STORE_PLUS(T, A)                                                                                      \
+  FC_MULTIVERSION FC_FLATTEN void store_plus(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, \
+                                             T* out, int64_t ld) {                                               \
+    store_plus_impl(p, rows, cols, v, v_per_row, out, ld);                                                       \
+  }
+FC_STORE_PLUS(float, float)
+FC_STORE_PLUS(c10::BFloat16, float)
+FC_STORE_PLUS(c10::Half, float)
+#undef FC_STORE_PLUS
+void store_plus(const double* p, int64_t rows, int64_t cols, const double* v, bool v_per_row, double* out,
+                int64_t ld) {
+  store_plus_impl(p, rows, cols, v, v_per_row, out, ld);
+}
 
 FC_MULTIVERSION FC_FLATTEN void head_maps_forward(const float* s, float* cams, float* logits, const float* bias, int64_t first,
                                        int64_t count, int64_t C, int64_t N, Normalize mode, float temperature,
@@ -201,8 +253,8 @@ void sum_positions(const double* f, double* out, int64_t B, int64_t K, int64_t N
 #define FC_DIRECT_BACKWARD(T, A)                                                                                \
   FC_MULTIVERSION FC_FLATTEN void direct_image_backward(                                                        \
       const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K, int64_t N, const A* w,      \
-      const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, int64_t k0, int64_t k1) {           \
-    direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);                                  \
+      const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, A* fsum, int64_t k0, int64_t k1) {  \
+    direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);                            \
   }
 FC_DIRECT_BACKWARD(float, float)
 FC_DIRECT_BACKWARD(c10::BFloat16, float)
@@ -210,8 +262,8 @@ FC_DIRECT_BACKWARD(c10::Half, float)
 #undef FC_DIRECT_BACKWARD
 void direct_image_backward(const double* f, int64_t sk, int64_t sn, double* df, int64_t dsk, int64_t dsn, int64_t K,
                            int64_t N, const double* w, const double* const* g, const int64_t* rows, int64_t nr,
-                           const double* v, double* dw, int64_t k0, int64_t k1) {
-  direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, k0, k1);
+                           const double* v, double* dw, double* fsum, int64_t k0, int64_t k1) {
+  direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);
 }
 
 }  // namespace fastcam::cpu

@@ -41,16 +41,28 @@ FC_SUM_POSITIONS(c10::Half, float)
 // for the channels k in [k0, k1),
 //   dF[k, n] = v[k] + sum_r W[rows[r], k] g[r][n]     (written in the features' type)
 //   dW[rows[r], k] += sum_n g[r][n] F[k, n]
+//   fsum[k] = sum_n F[k, n]
 // f, df: the image's features and gradient, F[k, n] at f[k * sk + n * sn]; g: nr rows of N
-// values; v (K values), df and dw may be null. dW [C, K] and W [C, K] are contiguous.
+// values; v and fsum (K values), df and dw may be null. dW [C, K] and W [C, K] are contiguous.
 #define FC_DIRECT_BACKWARD(T, A)                                                                                  \
   void direct_image_backward(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K,     \
                              int64_t N, const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, \
-                             A* dw, int64_t k0, int64_t k1);
+                             A* dw, A* fsum, int64_t k0, int64_t k1);
 FC_DIRECT_BACKWARD(float, float)
 FC_DIRECT_BACKWARD(double, double)
 FC_DIRECT_BACKWARD(c10::BFloat16, float)
 FC_DIRECT_BACKWARD(c10::Half, float)
 #undef FC_DIRECT_BACKWARD
+
+// out[r * ld + c] = p[r * cols + c] + (v ? v[v_per_row ? r : c] : 0) for a [rows, cols] block
+// p, written in the features' type (bf16 rounded to nearest even): one image's dF from its
+// GEMM product, the logits' part v added on the way.
+#define FC_STORE_PLUS(T, A)                                                                                \
+  void store_plus(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld);
+FC_STORE_PLUS(float, float)
+FC_STORE_PLUS(double, double)
+FC_STORE_PLUS(c10::BFloat16, float)
+FC_STORE_PLUS(c10::Half, float)
+#undef FC_STORE_PLUS
 
 }  // namespace fastcam::cpu
