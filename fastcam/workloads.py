@@ -60,3 +60,30 @@ def make_inputs(shape: Shape, *, dtype=torch.bfloat16, device="cpu", seed=0, req
     for t in (features, weight, bias):
         t.requires_grad_(requires_grad)
     return features, weight, bias, labels, mask.to(device)
+
+
+def gradcam_attention_loss(features, weight, bias, labels, label_mask, *, normalize="l2", measure="cosine",
+                           eps=1e-6):
+    """The same loss the way it is computed without fastcam (the SPEC §5 "hand-written Grad-CAM"
+    baseline): a pooled linear head, then each class's Grad-CAM by autograd with
+    ``create_graph=True`` (alpha = the gradient of the class's logit averaged over the
+    positions, map = ReLU(sum_k alpha_k F_k)), then the reference's loss terms on those maps.
+    Its backward runs through C gradient graphs (double backward). For this head the maps are
+    the CAMs up to the positive factor 1/N, so after the normalization the loss equals the
+    reference's (tests/test_bench.py checks it)."""
+    from fastcam.reference import accumulation_dtype, features_as_bkn, loss_terms, normalize_maps
+
+    dt = accumulation_dtype(features.dtype)
+    f = features_as_bkn(features).to(dt)  # [B, K, N]
+    logits = f.mean(-1) @ weight.to(dt).t()
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    maps = []
+    for c in range(weight.shape[0]):
+        (grad,) = torch.autograd.grad(logits[:, c].sum(), features, create_graph=True)
+        alpha = features_as_bkn(grad).to(dt).mean(-1, keepdim=True)  # [B, K, 1]
+        maps.append(torch.relu((alpha * f).sum(1)))  # [B, N]
+    cams = normalize_maps(torch.stack(maps, 1), normalize, eps=eps)
+    out = loss_terms(logits, cams, labels, label_mask, measure=measure, lambda_distinct=1.0, lambda_consist=0.0,
+                     lambda_coherence=0.0, grid=None, unlabeled="predicted", classification=True, eps=eps)
+    return out["loss"]

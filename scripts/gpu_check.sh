@@ -3,7 +3,8 @@
 #   1. builds fastcam._C here with its CUDA kernels (a binary built elsewhere will not load);
 #   2. runs the whole test suite on every usable backend, CUDA tensors included;
 #   3. runs compute-sanitizer memcheck on a small fwd+bwd of every CUDA op;
-#   4. prints the benchmark tables (backends side by side; pytest-benchmark).
+#   4. prints the benchmark tables (backends side by side; pytest-benchmark; `fastcam bench`, the
+#      SPEC section 5 table, with the torch.compile baselines last and time-limited).
 # It is sized for a few minutes on one H100/H200 (build for the card's arch only).
 # Everything it prints also lands in $OUT (default gpu-check/), for BENCHMARKS.md.
 # Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON.
@@ -72,5 +73,12 @@ step "benchmarks"
 $PYTHON benchmarks/compare_backends.py --spec --reps 20 2>&1 | tee "$OUT/compare_backends.txt"
 $PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-max-time=0.25 --benchmark-columns=min,median,iqr \
   --benchmark-json "$OUT/benchmarks.json" 2>&1 | tee "$OUT/benchmarks.txt" | grep -vE "^(\.|$)" | tail -80
+
+step "fastcam bench: the SPEC section 5 table (eager, Grad-CAM, backends; then with torch.compile)"
+$PYTHON -m fastcam.cli bench --skip compile reduce-overhead --json "$OUT/bench_eager.json" 2>&1 \
+  | tee "$OUT/bench_eager.txt"
+# Compiling the reference takes tens of seconds per shape and mode: last, and time-limited.
+timeout "${FASTCAM_BENCH_COMPILE_S:-240}" $PYTHON -m fastcam.cli bench --json "$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.txt" | grep -vE "^[WI][0-9]{4} " || echo "fastcam bench with torch.compile did not finish"
 
 exit $status

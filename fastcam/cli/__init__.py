@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastcam.cli import demo, explain, info, train
+from fastcam.cli import bench, demo, explain, info, train
 
-COMMANDS = {"demo": demo, "train": train, "explain": explain, "info": info}
+COMMANDS = {"demo": demo, "train": train, "explain": explain, "bench": bench, "info": info}
 
 
 def build_parser() -> argparse.ArgumentParser:

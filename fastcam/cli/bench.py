@@ -1,0 +1,197 @@
+"""``fastcam bench``: the table of SPEC §5 on the device present.
+
+One training step of the head (``attention_loss`` forward and the gradients of F, W and b)
+per SPEC §5 shape, timed side by side in one run for: the eager reference, ``torch.compile``
+of it (default mode; reduce-overhead on CUDA, where CUDA graphs exist), the hand-written
+Grad-CAM way (``create_graph=True``, fastcam.workloads.gradcam_attention_loss) and each usable
+fastcam backend, with the memory floor from the measured copy bandwidth. On a GPU: medians of
+``triton.testing.do_bench`` (L2 flushed) at the SPEC batch sizes, and the extra peak memory of
+a step over its inputs. On the CPU: wall-clock medians at batch 2 (``--batch`` to change).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import fastcam
+from fastcam.workloads import SPEC_SHAPES, Shape, gradcam_attention_loss, make_inputs
+
+HELP = "time the loss step against the SPEC §5 baselines on this device (prints the table, writes JSON)"
+TINY = Shape("tiny", 2, 3, 5, 2, 2)
+BASELINES = ("eager", "compile", "reduce-overhead", "gradcam")
+
+
+def add_arguments(parser) -> None:
+    names = [s.name for s in SPEC_SHAPES] + [TINY.name]
+    parser.add_argument("--shapes", nargs="+", choices=names, metavar="SHAPE",
+                        help=f"shapes to run (default: the six of SPEC §5; one of {', '.join(names)})")
+    parser.add_argument("--batch", type=int, nargs="+", metavar="B",
+                        help="batch sizes (default: the SPEC's on a GPU, 2 on the CPU)")
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="fastcam backends to time (default: every one usable on this device)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=BASELINES[1:],
+                        help="baselines to leave out (compiling takes about a minute per shape on a CPU)")
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU (default 20)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, reps: int) -> float:
+    """Median milliseconds of fn(): triton's do_bench on a GPU (L2 flushed), wall clock on the CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(device: str, reps: int) -> float:
+    """Bytes per second of a device-to-device copy, read and write counted (SPEC §5)."""
+    n = (256 if device == "cuda" else 64) << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * n / (ms / 1e3)
+
+
+def extra_peak_bytes(fn, device: str) -> int | None:
+    """Peak memory a step allocates beyond what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def steps(shape: Shape, device: str, backends: list[str], skip: list[str]) -> dict:
+    """Each contender's training step of the head on the inputs of ``shape``."""
+    f, w, b, labels, mask = make_inputs(shape, device=device)
+
+    def grads(loss):
+        torch.autograd.grad(loss, (f, w, b))  # F's gradient as the backbone would receive it
+
+    def reference_loss(f, w, b):
+        return fastcam.attention_loss(f, w, b, labels, mask, backend="torch").loss
+
+    out = {"eager": lambda: grads(reference_loss(f, w, b))}
+    modes = [m for m in ("compile", "reduce-overhead") if m not in skip]
+    for mode in modes:
+        if mode == "reduce-overhead" and device != "cuda":
+            continue  # CUDA graphs
+        compiled = torch.compile(reference_loss, mode="default" if mode == "compile" else mode, dynamic=False)
+        out[mode] = lambda compiled=compiled: grads(compiled(f, w, b))
+    if "gradcam" not in skip:
+        out["gradcam"] = lambda: grads(gradcam_attention_loss(f, w, b, labels, mask))
+    for name in backends:
+        out[name] = lambda name=name: grads(fastcam.attention_loss(f, w, b, labels, mask, backend=name).loss)
+    return out, f
+
+
+def run_shape(shape: Shape, device: str, backends: list[str], skip: list[str], reps: int, bandwidth: float) -> dict:
+    contenders, f = steps(shape, device, backends, skip)
+    bytes_f = f.numel() * f.element_size()
+    row = {"shape": shape.name, "B": shape.B, "C": shape.C, "K": shape.K, "N": shape.N,
+           "layout": "tokens" if shape.tokens else "NCHW", "bytes_F": bytes_f,
+           "floor_ms": 3 * bytes_f / bandwidth * 1e3, "ms": {}, "errors": {}, "extra_peak_bytes": {}}  # fmt: skip
+    for name, fn in contenders.items():
+        try:
+            row["ms"][name] = time_ms(fn, device, reps)
+            row["extra_peak_bytes"][name] = extra_peak_bytes(fn, device)
+        except Exception as exc:  # noqa: BLE001 - a baseline that fails here is reported, not fatal
+            row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    timed = [n for n in backends if n in row["ms"]]
+    if timed:
+        best = min(timed, key=lambda n: row["ms"][n])
+        compiled = [row["ms"][m] for m in ("compile", "reduce-overhead") if m in row["ms"]]
+        row["best_backend"] = best
+        row["best_ms"] = row["ms"][best]
+        row["speedup_vs_eager"] = row["ms"]["eager"] / row["best_ms"] if "eager" in row["ms"] else None
+        row["speedup_vs_best_compile"] = min(compiled) / row["best_ms"] if compiled else None
+        row["speedup_vs_gradcam"] = row["ms"]["gradcam"] / row["best_ms"] if "gradcam" in row["ms"] else None
+        row["percent_of_floor"] = 100 * row["floor_ms"] / row["best_ms"]
+    return row
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    head = (f"{'shape':22s} {'B':>4s} {'floor':>7s} " + " ".join(f"{c:>9s}" for c in columns)
+            + f" {'best':>7s} {'x eager':>8s} {'x compile':>9s} {'x gradcam':>9s} {'% floor':>8s} {'extra MB':>9s}")
+    print("milliseconds per step (forward + gradients of F, W, b), median")
+    print(head)
+    for r in rows:
+        cells = " ".join(f"{_fmt(r['ms'].get(c)):>9s}" for c in columns)
+        extra = r["extra_peak_bytes"].get(r.get("best_backend"))
+        print(f"{r['shape']:22s} {r['B']:4d} {r['floor_ms']:7.3f} {cells} {r.get('best_backend', '-'):>7s} "
+              f"{_fmt(r.get('speedup_vs_eager'), '.2f'):>8s} {_fmt(r.get('speedup_vs_best_compile'), '.2f'):>9s} "
+              f"{_fmt(r.get('speedup_vs_gradcam'), '.1f'):>9s} {_fmt(r.get('percent_of_floor'), '.1f'):>8s} "
+              f"{_fmt(None if extra is None else extra / 2**20, '.1f'):>9s}")  # fmt: skip
+        for name, error in r["errors"].items():
+            print(f"    {name} failed: {error}")
+
+
+def run(args) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    usable = [n for n, info in fastcam.backends().items() if info.usable and device in info.device_types]
+    backends = args.backends or [n for n in usable if n != "torch"]
+    unknown = [n for n in backends if n not in usable or n == "torch"]
+    if unknown:
+        raise SystemExit(f"fastcam bench: --backends {' '.join(unknown)}: not a fastcam backend usable on {device} "
+                         f"here (usable: {', '.join(n for n in usable if n != 'torch') or 'none'}; "
+                         "see `fastcam info`)")  # fmt: skip
+    if args.reps < 1:
+        raise SystemExit(f"fastcam bench: --reps must be at least 1, got {args.reps}")
+    if args.batch and min(args.batch) < 1:
+        raise SystemExit(f"fastcam bench: --batch sizes must be at least 1, got {args.batch}")
+    by_name = {s.name: s for s in (*SPEC_SHAPES, TINY)}
+    shapes = [by_name[n] for n in (args.shapes or [s.name for s in SPEC_SHAPES])]
+    batches = args.batch or ([None] if device == "cuda" else [2])
+    bandwidth = copy_bandwidth(device, args.reps)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({name}) | torch {torch.__version__} | fastcam {fastcam.__version__} | "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) | bf16 features")
+    rows = []
+    for shape in shapes:
+        for batch in batches:
+            rows.append(run_shape(shape if batch is None else shape.scaled(batch), device, backends, args.skip,
+                                  args.reps, bandwidth))  # fmt: skip
+    columns = [c for c in (*BASELINES, *backends) if any(c in r["ms"] or c in r["errors"] for r in rows)]
+    print_table(rows, columns)
+    if args.json:
+        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "device": device, "device_name": name, "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "fastcam": fastcam.__version__,
+                  "backends": {n: str(fastcam.backends()[n]) for n in backends},
+                  "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}  # fmt: skip
+        try:
+            import triton
+
+            record["triton"] = triton.__version__
+        except ImportError:
+            record["triton"] = None
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,95 @@
+"""``fastcam bench`` (SPEC §5 table) and its hand-written Grad-CAM baseline."""
+
+import json
+
+import pytest
+import torch
+
+import fastcam
+import fastcam.cli
+from fastcam.workloads import Shape, gradcam_attention_loss, make_inputs
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gradcam_baseline_computes_the_reference_loss_and_gradients(tokens):
+    # Grad-CAM of a pooled linear head is the CAM times 1/N: after the l2 normalization the
+    # loss, and so its gradients, are the reference's (up to eps). Labeled and unlabeled rows.
+    shape = Shape("small", 4, 5, 6, 3, 4, tokens=tokens)
+    f, w, b, labels, mask = make_inputs(shape, dtype=torch.float64)
+    w.data = w.data.double()
+    b.data = torch.randn(5, dtype=torch.float64)
+    labels[0, :3] = 1.0  # a labeled image with a weighted pair
+    got = gradcam_attention_loss(f, w, b, labels, mask, eps=1e-12)
+    want = fastcam.attention_loss(f, w, b, labels, mask, backend="torch", eps=1e-12).loss
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(got, (f, w, b)), torch.autograd.grad(want, (f, w, b))):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+
+
+def test_gradcam_baseline_needs_one_gradient_graph_per_class():
+    # The point of the baseline: create_graph=True per class. Its graph holds C gradient nodes.
+    f, w, b, labels, mask = make_inputs(Shape("small", 2, 4, 6, 3, 3), dtype=torch.float32)
+    calls = []
+    original = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(kwargs.get("create_graph"))
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting_grad
+    try:
+        gradcam_attention_loss(f, w, b, labels, mask)
+    finally:
+        torch.autograd.grad = original
+    assert calls == [True] * 4
+
+
+def _bench(args, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert fastcam.cli.main(["bench", *args, "--json", str(path)]) == 0
+    return capsys.readouterr().out, json.loads(path.read_text())
+
+
+def test_bench_prints_the_table_and_writes_json(capsys, tmp_path):
+    printed, record = _bench(["--shapes", "tiny", "resnet50@224", "--skip", "compile", "--reps", "3"], capsys,
+                             tmp_path)
+    assert "copy bandwidth" in printed and "x compile" in printed and "% floor" in printed
+    assert record["device"] == "cpu" and record["copy_bandwidth_bytes_per_s"] > 0
+    assert [r["shape"] for r in record["rows"]] == ["tiny", "resnet50@224"]
+    usable = [n for n, i in fastcam.backends().items() if i.usable and "cpu" in i.device_types and n != "torch"]
+    for row in record["rows"]:
+        assert row["B"] == 2 and not row["errors"], row["errors"]
+        assert set(row["ms"]) == {"eager", "gradcam", *usable}
+        assert all(ms > 0 for ms in row["ms"].values())
+        assert row["bytes_F"] == row["B"] * row["K"] * row["N"] * 2  # bf16
+        assert row["floor_ms"] == pytest.approx(3 * row["bytes_F"] / record["copy_bandwidth_bytes_per_s"] * 1e3)
+        if usable:
+            best = row["best_backend"]
+            assert row["best_ms"] == min(row["ms"][n] for n in usable) == row["ms"][best]
+            assert row["speedup_vs_eager"] == pytest.approx(row["ms"]["eager"] / row["best_ms"])
+            assert row["speedup_vs_gradcam"] == pytest.approx(row["ms"]["gradcam"] / row["best_ms"])
+            assert row["speedup_vs_best_compile"] is None  # skipped
+            assert f"{row['shape']}" in printed
+
+
+def test_bench_times_torch_compile_of_the_reference(capsys, tmp_path):
+    args = ["--shapes", "tiny", "--skip", "gradcam", "--reps", "2"]
+    if fastcam.backends()["cpu"].usable:
+        args += ["--backends", "cpu"]
+    _, record = _bench(args, capsys, tmp_path)
+    row = record["rows"][0]
+    assert "compile" in row["ms"] and not row["errors"], row["errors"]
+    assert "reduce-overhead" not in row["ms"]  # CUDA graphs: GPU only
+    if fastcam.backends()["cpu"].usable:
+        assert row["speedup_vs_best_compile"] == pytest.approx(row["ms"]["compile"] / row["ms"]["cpu"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "nope"], "--backends nope"),
+    (["--backends", "torch"], "--backends torch"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--batch", "0"], "--batch sizes must be at least 1"),
+])  # fmt: skip
+def test_bench_rejects_bad_options_by_name(args, message):
+    with pytest.raises(SystemExit, match=message):
+        fastcam.cli.main(["bench", "--shapes", "tiny", *args])
