@@ -14,6 +14,7 @@
 #endif
 #endif
 
+#include "parallel.h"
 #include "vec.h"
 
 // ATen's brgemm with bf16 inputs and fp32 output (torch >= 2.6 on x86-64).
@@ -142,7 +143,7 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
     // packs its block of the features (Kp x kBlock, in the L2 cache) and runs the GEMM on it.
     const int64_t blocks = (N + kBlock - 1) / kBlock, tasks = B * blocks;
     std::vector<char> ok(tasks, 0);
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tasks, gemm_grain(M * std::min(kBlock, N) * Kp), [&](int64_t t0, int64_t t1) {
       thread_local std::vector<uint32_t> packed;
       thread_local std::vector<float> out;
       uint32_t* pb = thread_buffer(packed, (Kp / 2) * kBlock);
@@ -179,7 +180,7 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   }
   const int64_t row_blocks = (N + kRows - 1) / kRows, tasks = B * row_blocks;
   std::vector<char> ok(tasks, 0);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tasks, gemm_grain(std::min(kRows, N) * M * K), [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> out;
     float* po = thread_buffer(out, kRows * M);
     for (int64_t t = t0; t < t1; ++t) {

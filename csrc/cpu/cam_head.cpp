@@ -61,7 +61,9 @@ void scores_gemm(const at::Tensor& features, const at::Tensor& w, at::Tensor& sc
   std::vector<int64_t> todo;
   for (int64_t b = 0; b < B; ++b)
     if (!done[b]) todo.push_back(b);
-  if (int64_t(todo.size()) < at::get_num_threads()) {
+  // Small images stay on the calling thread: waking the pool costs more than their GEMM.
+  const int64_t per_image = w.size(0) * features.size(1) * features.size(2);
+  if (int64_t(todo.size()) < at::get_num_threads() || gemm_grain(per_image) > 1) {
     for (const int64_t b : todo) {
       at::Tensor out = scores[b];
       at::mm_out(out, w, chunk_as_acc(features, b, b + 1, w.scalar_type())[0]);

@@ -12,4 +12,10 @@ inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, work_per_item));
 }
 
+// The same for GEMM work (multiply-adds), which BLAS and the matrix units do far faster than
+// the loops above: about 2^20 per task.
+inline int64_t gemm_grain(int64_t macs_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, macs_per_item));
+}
+
 }  // namespace fastcam::cpu
