@@ -193,6 +193,47 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _GatherMaps(torch.autograd.Function):
+    """All-gather of every rank's maps along the batch, autograd-aware: the backward sums the
+    gradient that every rank's loss sends to each slice (one all-reduce of the small gathered
+    gradient, made contiguous first: a transposed gradient sent as raw memory would be wrong)
+    and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, maps):
+        dist = torch.distributed
+        parts = [torch.empty_like(maps) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, maps.contiguous())
+        ctx.rank, ctx.batch = dist.get_rank(), maps.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def _gathered_consist(cams, logits, labels, label_mask, unlabeled, measure, eps):
+    """The consistency term over the maps of every rank (``gather=True``, SPEC §2.3).
+
+    The maps go through an autograd-aware all-gather, the pair weights q (no gradient)
+    through a plain one; every rank gets the same global value. Gradient convention: the
+    gather's backward sums what every rank's loss sends to a rank's own maps, so each rank's
+    maps receive world_size times the gradient of the global term, and DDP's averaging of
+    parameter gradients over the ranks leaves exactly the gradient of the global term (the
+    local terms are averaged, as DDP does for any per-rank loss). Every rank must pass the same
+    batch size. q comes from the returned logits (in the features' dtype).
+    """
+    from fastcam.reference import class_weights, consist_loss
+
+    maps = cams.flatten(2) if cams.dim() == 4 else cams
+    q = class_weights(logits.to(maps.dtype), labels, label_mask, unlabeled).contiguous()
+    every_q = [torch.empty_like(q) for _ in range(_world_size())]
+    torch.distributed.all_gather(every_q, q)
+    return consist_loss(_GatherMaps.apply(maps), torch.cat(every_q, 0), measure, eps)
+
+
 # ------------------------------------------------------------------------ public API
 
 
@@ -289,7 +330,9 @@ def attention_loss(
         grid: ``(H, W)`` of token features, needed for the coherence term only.
         classification: add the BCE on the logits, averaged over the known entries.
         gather: compute the consistency term over the maps of every rank under
-            ``torch.distributed``. With one process it changes nothing.
+            ``torch.distributed`` (autograd-aware all-gather; every rank gets the global
+            term, and after DDP averages the gradients they are the global term's; every
+            rank must pass the same batch size). With one process it changes nothing.
     """
     batch, classes = _check_head(features, weight, bias)
     device = _check_same_device(features=features, weight=weight, bias=bias)
@@ -311,11 +354,7 @@ def attention_loss(
             f"the coherence term of token features {_shape(features)} needs grid=(H, W) "
             "with H * W = N"
         )
-    if gather and _world_size() > 1:
-        raise NotImplementedError(
-            f"gather=True across {_world_size()} ranks is not implemented in this version "
-            "of fastcam; use gather=False (each rank's consistency term on its local batch)"
-        )
+    gathered = gather and lambda_consist != 0 and _world_size() > 1
     impl = _implementation(resolved)
     out = impl.attention_loss(
         features,
@@ -326,7 +365,7 @@ def attention_loss(
         normalize=normalize,
         measure=measure,
         lambda_distinct=lambda_distinct,
-        lambda_consist=lambda_consist,
+        lambda_consist=0.0 if gathered else lambda_consist,
         lambda_coherence=lambda_coherence,
         grid=grid,
         unlabeled=unlabeled,
@@ -334,4 +373,7 @@ def attention_loss(
         temperature=temperature,
         eps=eps,
     )
+    if gathered:
+        out["consist"] = _gathered_consist(out["cams"], out["logits"], labels, label_mask, unlabeled, measure, eps)
+        out["loss"] = out["loss"] + lambda_consist * out["consist"]
     return AttentionLossOutput(**out)
