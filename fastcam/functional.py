@@ -8,6 +8,7 @@ backend fails the same way on bad input.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import NamedTuple
@@ -188,6 +189,17 @@ def _check_grid(features: torch.Tensor, grid):
     return grid
 
 
+def _without_autocast(device: torch.device):
+    """The ops compute at the accumulation precision of the inputs' dtypes (fp32, fp64 for fp64)
+    whatever autocast says: the compiled kernels ignore it, and it is turned off around the
+    reference's and Triton's torch ops, which it would otherwise run in bf16/fp16 (so that every
+    backend gives the same numbers under autocast as without it)."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -271,7 +283,8 @@ def cam_head(
     eps = _check_number("eps", eps, positive=True)
     device = _check_same_device(features=features, weight=weight, bias=bias)
     impl = _implementation(resolve_backend(backend, device))
-    return impl.cam_head(features, weight, bias, normalize, temperature, eps)
+    with _without_autocast(device):
+        return impl.cam_head(features, weight, bias, normalize, temperature, eps)
 
 
 def pairwise_overlap(
@@ -291,7 +304,8 @@ def pairwise_overlap(
     _check_choice("measure", measure, MEASURES)
     eps = _check_number("eps", eps, positive=True)
     impl = _implementation(resolve_backend(backend, cams.device))
-    return impl.pairwise_overlap(cams, measure, eps)
+    with _without_autocast(cams.device):
+        return impl.pairwise_overlap(cams, measure, eps)
 
 
 def attention_loss(
@@ -356,24 +370,26 @@ def attention_loss(
         )
     gathered = gather and lambda_consist != 0 and _world_size() > 1
     impl = _implementation(resolved)
-    out = impl.attention_loss(
-        features,
-        weight,
-        bias,
-        labels,
-        label_mask,
-        normalize=normalize,
-        measure=measure,
-        lambda_distinct=lambda_distinct,
-        lambda_consist=0.0 if gathered else lambda_consist,
-        lambda_coherence=lambda_coherence,
-        grid=grid,
-        unlabeled=unlabeled,
-        classification=classification,
-        temperature=temperature,
-        eps=eps,
-    )
-    if gathered:
-        out["consist"] = _gathered_consist(out["cams"], out["logits"], labels, label_mask, unlabeled, measure, eps)
-        out["loss"] = out["loss"] + lambda_consist * out["consist"]
+    with _without_autocast(device):
+        out = impl.attention_loss(
+            features,
+            weight,
+            bias,
+            labels,
+            label_mask,
+            normalize=normalize,
+            measure=measure,
+            lambda_distinct=lambda_distinct,
+            lambda_consist=0.0 if gathered else lambda_consist,
+            lambda_coherence=lambda_coherence,
+            grid=grid,
+            unlabeled=unlabeled,
+            classification=classification,
+            temperature=temperature,
+            eps=eps,
+        )
+        if gathered:
+            out["consist"] = _gathered_consist(out["cams"], out["logits"], labels, label_mask, unlabeled, measure,
+                                               eps)  # fmt: skip
+            out["loss"] = out["loss"] + lambda_consist * out["consist"]
     return AttentionLossOutput(**out)
