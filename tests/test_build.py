@@ -7,6 +7,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROGRAM = """
@@ -34,3 +36,22 @@ def test_jit_build_on_first_use(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"ok {src / 'fastcam' / '__init__.py'}" in done.stdout
     assert "compiling it now" in done.stderr
+
+
+@pytest.mark.parametrize("built, running, cuda, problem", [
+    ({"torch": "2.14.1+cu130", "cuda": "13.0"}, "2.14.1+cu130", "13.0", None),
+    ({"torch": "2.14.0+cu130", "cuda": "13.0"}, "2.14.1+cu130", "13.0", None),  # patch releases share the ABI
+    ({"torch": "2.14.1+cu130", "cuda": "13.0"}, "2.14.1+cu130", "13.2", None),  # CUDA minor versions too
+    ({"torch": "2.14.1", "cuda": "none"}, "2.14.1+cu130", "13.0", None),  # a CPU-only build under a CUDA torch
+    ({"torch": "2.11.0+cu130", "cuda": "13.0"}, "2.14.1+cu130", "13.0", "for torch 2.11.0+cu130 but torch 2.14.1"),
+    ({"torch": "2.14.1+cu126", "cuda": "12.6"}, "2.14.1+cu130", "13.0", "with CUDA 12.6 but this torch uses CUDA 13.0"),
+    ({"torch": "unknown", "cuda": "none"}, "2.14.1", None, None),  # a hand-made build: nothing to compare
+])  # fmt: skip
+def test_version_mismatch_says_what_to_rebuild(built, running, cuda, problem):
+    from fastcam._ext import version_mismatch
+
+    got = version_mismatch(built, running, cuda)
+    if problem is None:
+        assert got is None
+    else:
+        assert problem in got and "pip install --no-build-isolation -e ." in got
