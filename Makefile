@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml setup.py fastcam/_build.py $(CSRC)
 demo: $(STAMP)  ## the main job: `fastcam demo` (SPEC §6)
 	$(VENV)/bin/fastcam demo
 
-test: $(STAMP)  ## the whole test suite, on every backend usable here
+test: $(STAMP)  ## the whole test suite, on every backend usable here, and each benchmark once
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
 
 bench: $(STAMP)  ## pytest-benchmark on this machine's device
 	$(PY) -m pytest -q benchmarks

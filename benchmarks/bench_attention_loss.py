@@ -6,18 +6,10 @@ their full batch. Run: ``make bench`` (or ``pytest benchmarks``).
 
 import pytest
 import torch
+from _common import BACKENDS, DEVICE, SHAPES, sync
 
 import fastcam
-from fastcam.workloads import SPEC_SHAPES, make_inputs
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [n for n, b in fastcam.backends().items() if b.usable and DEVICE in b.device_types]
-SHAPES = SPEC_SHAPES if DEVICE == "cuda" else [s.scaled(2) for s in SPEC_SHAPES]
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+from fastcam.workloads import make_inputs
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])
@@ -28,7 +20,7 @@ def test_attention_loss_fwd_bwd(benchmark, backend, shape):
     def step():
         out = fastcam.attention_loss(features, weight, bias, labels, mask, backend=backend)
         torch.autograd.grad(out.loss, (features, weight, bias))  # no accumulation into .grad
-        _sync()
+        sync()
         return out.loss
 
     benchmark.group = shape.name
