@@ -95,10 +95,9 @@ constexpr int64_t kDirectRows = 8;
 // g0 part of dW, and, for an image with few nonzero rows, its whole dF and dW by direct loops
 // over the features as they lie (no conversion, dF written in one pass). Each thread owns the
 // columns [k0, k1) of dW across all images: no atomics, and the order of every sum is fixed
-// whatever the thread count. The images with many nonzero rows then take GEMMs on a converted
-// chunk of images; dF[b] is written once, in the features' dtype and strides, the GEMM path
-// computing it in its own memory order ([N, K] for channels-last and tokens) so that the
-// conversion into it is a plain copy.
+// whatever the thread count. The images with many nonzero rows then take GEMMs, one converted
+// image at a time; their dF[b] is computed in its own memory order ([N, K] for channels-last
+// and tokens) and written once, in the features' dtype and strides, with v added on the way.
 void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
                    const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df, at::Tensor& dw) {
   const int64_t B = features.size(0), K = w.size(1), C = w.size(0), N = features.size(2);

@@ -159,29 +159,6 @@ void direct_impl(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t
     direct_rows<false>(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);
 }
 
-// sum_positions (head_maps.h).
-template <typename T, typename A>
-void sums_impl(const T* f, A* out, int64_t B, int64_t K, int64_t N, int64_t sb, int64_t sk, int64_t sn) {
-  for (int64_t b = 0; b < B; ++b) {
-    A* ob = out + b * K;
-    if (sn == 1 || N == 1) {  // NCHW: a contiguous row of positions per channel
-      for (int64_t k = 0; k < K; ++k) {
-        const T* __restrict row = f + b * sb + k * sk;
-        A total = 0;
-#pragma omp simd reduction(+ : total)
-        for (int64_t n = 0; n < N; ++n) total += load(row[n]);
-        ob[k] = total;
-      }
-    } else {  // channels-last and tokens (and other strides): a row of channels per position
-      std::fill(ob, ob + K, A(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T* col = f + b * sb + n * sn;
-        for (int64_t k = 0; k < K; ++k) ob[k] += load(col[k * sk]);
-      }
-    }
-  }
-}
-
 template <typename T, typename A>
 void store_plus_impl(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -235,19 +212,6 @@ FC_MULTIVERSION FC_FLATTEN void head_maps_backward(const float* gc, const float*
 void head_maps_backward(const double* gc, const double* s, const double* cams, double* gs, char* nonzero,
                         int64_t count, int64_t N, Normalize mode, double temperature, double eps) {
   backward_impl(gc, s, cams, gs, nonzero, count, N, mode, temperature, eps);
-}
-
-#define FC_SUM_POSITIONS(T, A)                                                                               \
-  FC_MULTIVERSION FC_FLATTEN void sum_positions(const T* f, A* out, int64_t B, int64_t K, int64_t N, int64_t sb, \
-                                                int64_t sk, int64_t sn) {                                       \
-    sums_impl(f, out, B, K, N, sb, sk, sn);                                                                      \
-  }
-FC_SUM_POSITIONS(float, float)
-FC_SUM_POSITIONS(c10::BFloat16, float)
-FC_SUM_POSITIONS(c10::Half, float)
-#undef FC_SUM_POSITIONS
-void sum_positions(const double* f, double* out, int64_t B, int64_t K, int64_t N, int64_t sb, int64_t sk, int64_t sn) {
-  sums_impl(f, out, B, K, N, sb, sk, sn);
 }
 
 #define FC_DIRECT_BACKWARD(T, A)                                                                                \

@@ -26,16 +26,6 @@ void head_maps_backward(const float* gc, const float* s, const float* cams, floa
 void head_maps_backward(const double* gc, const double* s, const double* cams, double* gs, char* nonzero,
                         int64_t count, int64_t N, Normalize mode, double temperature, double eps);
 
-// out[b, k] = sum_n f[b, k, n] for B images, F[b, k, n] at f[b * sb + k * sk + n * sn], read in
-// the features' type and summed in the accumulation type.
-#define FC_SUM_POSITIONS(T, A) \
-  void sum_positions(const T* f, A* out, int64_t B, int64_t K, int64_t N, int64_t sb, int64_t sk, int64_t sn);
-FC_SUM_POSITIONS(float, float)
-FC_SUM_POSITIONS(double, double)
-FC_SUM_POSITIONS(c10::BFloat16, float)
-FC_SUM_POSITIONS(c10::Half, float)
-#undef FC_SUM_POSITIONS
-
 // One image's part of the head backward by direct loops, for an image whose Gm has few
 // nonzero rows (a GEMM would be mostly overhead, and would need the features converted):
 // for the channels k in [k0, k1),
