@@ -118,13 +118,22 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   const bool unit_n = sn == 1 || N == 1, unit_k = (sk == 1 || K == 1) && K % 2 == 0;
   // Measured on Sapphire Rapids (2 cores, AMX) against the fp32 path (converted features, MKL):
   // 1.1-2.5x faster with few classes; with many (174: 522 stacked rows) no faster or slower.
-  if ((!unit_n && !unit_k) || C > 32) return done;
+  // Channels-last: 1.1-2x faster from 128 positions, up to 2.6x slower with few (7x7:
+  // ResNet-50 at 224). Those stay on the fp32 path (decided before the weight is split).
+  if (C > 32 || !(unit_n || (unit_k && N >= 128))) return done;
   const int64_t Kp = K + K % 2, M = kParts * C;
   const std::vector<uint16_t> parts = split_weight(w.const_data_ptr<float>(), C, K, Kp);
   const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<c10::BFloat16>());
   float* s = scores.mutable_data_ptr<float>();
   // Sums the parts' products out[p * C + c] (row stride `ld`, column stride `step`) of `count`
   // positions into scores[b, c, n0 + i]; whether every sum is finite.
+  // done[b]: every one of image b's `blocks` tasks finished with finite scores.
+  auto images_done = [&](const std::vector<char>& ok, int64_t blocks) {
+    for (int64_t b = 0; b < B; ++b) {
+      done[b] = 1;
+      for (int64_t j = 0; j < blocks; ++j) done[b] = done[b] && ok[b * blocks + j];
+    }
+  };
   auto combine = [&](const float* out, int64_t ld, int64_t step, int64_t b, int64_t n0, int64_t count) {
     bool finite = true;
     for (int64_t c = 0; c < C; ++c) {
@@ -158,17 +167,12 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
       }
       at::native::cpublas::brgemm_release(true);
     });
-    for (int64_t b = 0; b < B; ++b) {
-      done[b] = 1;
-      for (int64_t j = 0; j < blocks; ++j) done[b] = done[b] && ok[b * blocks + j];
-    }
+    images_done(ok, blocks);
     return done;
   }
   // Channels-last and tokens: S[b]^T[rows] = F[b][rows, :] x parts^T, the features read as they
   // lie (each position's K channels contiguous) and the parts packed once, in blocks of kBlock
-  // of their M = kParts * C columns. Measured as above: 1.1-2x faster from 128 positions, up
-  // to 2.6x slower with few (7x7: ResNet-50 at 224), which stay on the fp32 path.
-  if (N < 128) return done;
+  // of their M = kParts * C columns.
   // parts^T packed: the pair (k, k + 1) of row m of the parts is one 32-bit word, moved to
   // block m / kBlock, pair-row k / 2, column m % kBlock.
   const int64_t wblocks = (M + kBlock - 1) / kBlock;
@@ -194,10 +198,7 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
     }
     at::native::cpublas::brgemm_release(true);
   });
-  for (int64_t b = 0; b < B; ++b) {
-    done[b] = 1;
-    for (int64_t j = 0; j < row_blocks; ++j) done[b] = done[b] && ok[b * row_blocks + j];
-  }
+  images_done(ok, row_blocks);
 #endif
   return done;
 }
