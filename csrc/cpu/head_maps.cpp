@@ -186,9 +186,7 @@ void store_plus_impl(const A* p, int64_t rows, int64_t cols, const A* v, bool v_
                                              T* out, int64_t ld) {                                               \
     store_plus_impl(p, rows, cols, v, v_per_row, out, ld);                                                       \
   }
-FC_STORE_PLUS(float, float)
-FC_STORE_PLUS(c10::BFloat16, float)
-FC_STORE_PLUS(c10::Half, float)
+FC_FLOAT_ACC_TYPES(FC_STORE_PLUS)
 #undef FC_STORE_PLUS
 void store_plus(const double* p, int64_t rows, int64_t cols, const double* v, bool v_per_row, double* out,
                 int64_t ld) {
@@ -220,9 +218,7 @@ void head_maps_backward(const double* gc, const double* s, const double* cams, d
       const A* const* g, const int64_t* rows, int64_t nr, const A* v, A* dw, A* fsum, int64_t k0, int64_t k1) {  \
     direct_impl(f, sk, sn, df, dsk, dsn, K, N, w, g, rows, nr, v, dw, fsum, k0, k1);                            \
   }
-FC_DIRECT_BACKWARD(float, float)
-FC_DIRECT_BACKWARD(c10::BFloat16, float)
-FC_DIRECT_BACKWARD(c10::Half, float)
+FC_FLOAT_ACC_TYPES(FC_DIRECT_BACKWARD)
 #undef FC_DIRECT_BACKWARD
 void direct_image_backward(const double* f, int64_t sk, int64_t sn, double* df, int64_t dsk, int64_t dsn, int64_t K,
                            int64_t N, const double* w, const double* const* g, const int64_t* rows, int64_t nr,

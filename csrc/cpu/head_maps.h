@@ -26,6 +26,12 @@ void head_maps_backward(const float* gc, const float* s, const float* cams, floa
 void head_maps_backward(const double* gc, const double* s, const double* cams, double* gs, char* nonzero,
                         int64_t count, int64_t N, Normalize mode, double temperature, double eps);
 
+// The features' storage types with their accumulation types, for the functions below:
+// X(storage, accumulation). The fp32-accumulating ones are compiled for several instruction
+// sets (head_maps.cpp); the float64 one, the gradcheck path, is a plain loop.
+#define FC_FLOAT_ACC_TYPES(X) X(float, float) X(c10::BFloat16, float) X(c10::Half, float)
+#define FC_FEATURE_TYPES(X) FC_FLOAT_ACC_TYPES(X) X(double, double)
+
 // One image's part of the head backward by direct loops, for an image whose Gm has few
 // nonzero rows (a GEMM would be mostly overhead, and would need the features converted):
 // for the channels k in [k0, k1),
@@ -38,10 +44,7 @@ void head_maps_backward(const double* gc, const double* s, const double* cams, d
   void direct_image_backward(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t dsn, int64_t K,     \
                              int64_t N, const A* w, const A* const* g, const int64_t* rows, int64_t nr, const A* v, \
                              A* dw, A* fsum, int64_t k0, int64_t k1);
-FC_DIRECT_BACKWARD(float, float)
-FC_DIRECT_BACKWARD(double, double)
-FC_DIRECT_BACKWARD(c10::BFloat16, float)
-FC_DIRECT_BACKWARD(c10::Half, float)
+FC_FEATURE_TYPES(FC_DIRECT_BACKWARD)
 #undef FC_DIRECT_BACKWARD
 
 // out[r * ld + c] = p[r * cols + c] + (v ? v[v_per_row ? r : c] : 0) for a [rows, cols] block
@@ -49,10 +52,7 @@ FC_DIRECT_BACKWARD(c10::Half, float)
 // GEMM product, the logits' part v added on the way.
 #define FC_STORE_PLUS(T, A)                                                                                \
   void store_plus(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld);
-FC_STORE_PLUS(float, float)
-FC_STORE_PLUS(double, double)
-FC_STORE_PLUS(c10::BFloat16, float)
-FC_STORE_PLUS(c10::Half, float)
+FC_FEATURE_TYPES(FC_STORE_PLUS)
 #undef FC_STORE_PLUS
 
 }  // namespace fastcam::cpu
