@@ -4,7 +4,8 @@
 #   2. runs the whole test suite on every usable backend, CUDA tensors included;
 #   3. runs compute-sanitizer memcheck on a small fwd+bwd of every CUDA op;
 #   4. prints the benchmark tables (backends side by side; pytest-benchmark; `fastcam bench`, the
-#      SPEC section 5 table, with the torch.compile baselines last and time-limited).
+#      SPEC section 5 table; `fastcam bench --e2e`, whole ResNet-50 steps; the torch.compile
+#      baselines last; the last two time-limited).
 # It is sized for a few minutes on one H100/H200 (build for the card's arch only).
 # Everything it prints also lands in $OUT (default gpu-check/), for BENCHMARKS.md.
 # Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON.
@@ -77,6 +78,9 @@ $PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-max-time=0.25 --
 step "fastcam bench: the SPEC section 5 table (eager, Grad-CAM, backends; then with torch.compile)"
 $PYTHON -m fastcam.cli bench --skip compile reduce-overhead --json "$OUT/bench_eager.json" 2>&1 \
   | tee "$OUT/bench_eager.txt"
+step "fastcam bench --e2e: whole ResNet-50 training steps (SPEC section 5 item 6)"
+timeout "${FASTCAM_BENCH_E2E_S:-180}" $PYTHON -m fastcam.cli bench --e2e --json "$OUT/bench_e2e.json" 2>&1 \
+  | tee "$OUT/bench_e2e.txt" || echo "fastcam bench --e2e did not finish"
 # Compiling the reference takes tens of seconds per shape and mode: last, and time-limited.
 timeout "${FASTCAM_BENCH_COMPILE_S:-240}" $PYTHON -m fastcam.cli bench --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.txt" | grep -vE "^[WI][0-9]{4} " || echo "fastcam bench with torch.compile did not finish"

@@ -97,3 +97,62 @@ def test_bench_times_torch_compile_of_the_reference(capsys, tmp_path):
 def test_bench_rejects_bad_options_by_name(args, message):
     with pytest.raises(SystemExit, match=message):
         fastcam.cli.main(["bench", "--shapes", "tiny", *args])
+
+
+def test_resnet50_is_torchvisions():
+    # The same architecture as torchvision's resnet50 (which the GPU images lack): every
+    # parameter's name and shape, and the same function given torchvision's weights.
+    torchvision = pytest.importorskip("torchvision")
+    from fastcam.workloads import ResNet50
+
+    ours, theirs = ResNet50(num_classes=14).eval(), torchvision.models.resnet50(num_classes=14).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_e2e_steps_train_resnet50_with_each_loss():
+    # One step of each contender from the same start: fastcam's cpu backend gives the eager
+    # reference's gradients (the head's and, through bf16 autocast, the body's); Grad-CAM's are
+    # close (the same loss by another graph); the plain step's differ (no attention loss).
+    from fastcam.workloads import resnet50_steps
+
+    backend = "cpu" if fastcam.backends()["cpu"].usable else "torch"
+    grads = {}
+    for name in ("plain", "torch", backend, "gradcam"):
+        model, steps = resnet50_steps(2, 64, device="cpu", backends=("torch", backend), seed=3)
+        steps[name]()
+        grads[name] = (model.fc.weight.grad.clone(), model.layer4[-1].conv3.weight.grad.clone())
+    def rel(name, i):  # largest difference from the reference's gradient, relative to its largest value
+        return float((grads[name][i] - grads["torch"][i]).abs().max() / grads["torch"][i].abs().max())
+
+    for i in range(2):
+        assert rel(backend, i) < 1e-3
+        assert rel("gradcam", i) < 3e-2  # its maps come from bf16 gradients of the features
+        assert rel("plain", i) > 0.1
+
+
+def test_bench_e2e_prints_the_steps_and_writes_json(capsys, tmp_path):
+    backends = ["cpu"] if fastcam.backends()["cpu"].usable else []
+    printed, record = _bench(["--e2e", "--e2e-configs", "2x32", "--reps", "1", *(["--backends", *backends]
+                                                                                  if backends else [])],
+                             capsys, tmp_path)  # fmt: skip
+    assert "whole ResNet-50 training steps" in printed and "2 x 32" in printed
+    (row,) = record["e2e"]
+    assert (row["batch"], row["side"]) == (2, 32) and not row["errors"], row["errors"]
+    assert set(row["ms"]) == {"plain", "torch", "gradcam", *backends} and all(v > 0 for v in row["ms"].values())
+    for name, percent in row["overhead_percent"].items():
+        assert percent == pytest.approx(100 * (row["ms"][name] / row["ms"]["plain"] - 1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--e2e", "--e2e-configs", "16"], "BATCHxSIDE"),
+    (["--e2e", "--e2e-configs", "0x224"], "at least 1"),
+    (["--e2e", "--e2e-configs", "2x16"], "side at least 32"),
+    (["--e2e-configs", "2x64"], "needs --e2e"),
+    (["--e2e", "--shapes", "tiny"], "--e2e takes --e2e-configs"),
+])  # fmt: skip
+def test_bench_e2e_rejects_bad_options(args, message):
+    with pytest.raises(SystemExit, match=message):
+        fastcam.cli.main(["bench", *args])

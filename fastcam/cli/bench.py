@@ -7,6 +7,12 @@ Grad-CAM way (``create_graph=True``, fastcam.workloads.gradcam_attention_loss) a
 fastcam backend, with the memory floor from the measured copy bandwidth. On a GPU: medians of
 ``triton.testing.do_bench`` (L2 flushed) at the SPEC batch sizes, and the extra peak memory of
 a step over its inputs. On the CPU: wall-clock medians at batch 2 (``--batch`` to change).
+
+``--e2e`` instead times the number a user feels (SPEC §5 item 6): whole ResNet-50 training
+steps (bf16 autocast, channels_last, SGD) without the attention loss, with each fastcam
+backend's, with the eager reference's and with hand-written Grad-CAM's, in one run: time per
+step, the overhead over the plain step, and the peak memory on a GPU (at batch 256 @ 224,
+32 @ 1024 and 16 @ 224 there; at 2 @ 224 on the CPU, ``--e2e-configs`` to change).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 import torch
 
 import fastcam
-from fastcam.workloads import SPEC_SHAPES, Shape, gradcam_attention_loss, make_inputs
+from fastcam.workloads import E2E_CONFIGS, SPEC_SHAPES, Shape, gradcam_attention_loss, make_inputs, resnet50_steps
 
 HELP = "time the loss step against the SPEC §5 baselines on this device (prints the table, writes JSON)"
 TINY = Shape("tiny", 2, 3, 5, 2, 2)
@@ -39,6 +45,11 @@ def add_arguments(parser) -> None:
                         help="baselines to leave out (compiling takes about a minute per shape on a CPU)")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions on the CPU (default 20)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--e2e", action="store_true",
+                        help="time whole ResNet-50 training steps instead (SPEC §5 item 6)")
+    parser.add_argument("--e2e-configs", nargs="+", metavar="BxSIDE",
+                        help="batch x image side of the --e2e steps (default: 256x224 32x1024 16x224 on a GPU, "
+                             "2x224 on the CPU)")  # fmt: skip
 
 
 def _sync(device: str) -> None:
@@ -152,6 +163,75 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
             print(f"    {name} failed: {error}")
 
 
+def _e2e_configs(values: list[str] | None, device: str) -> list[tuple[int, int]]:
+    if not values:
+        return list(E2E_CONFIGS) if device == "cuda" else [(2, 224)]
+    configs = []
+    for value in values:
+        try:
+            batch, side = (int(part) for part in value.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"fastcam bench: --e2e-configs takes BATCHxSIDE (e.g. 16x224), got {value!r}") from None
+        if batch < 1 or side < 32:
+            raise SystemExit(f"fastcam bench: --e2e-configs {value}: the batch must be at least 1 and the side at "
+                             "least 32 (ResNet-50 divides it by 32)")  # fmt: skip
+        configs.append((batch, side))
+    return configs
+
+
+def peak_bytes(fn, device: str) -> int | None:
+    """Peak memory allocated while fn() runs, everything held counted (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def run_e2e(configs, device: str, backends: list[str], skip: list[str], reps: int) -> list[dict]:
+    """Each config's training steps, timed side by side; overheads against the plain step."""
+    contenders = list(dict.fromkeys(["torch", *backends]))
+    rows = []
+    for batch, side in configs:
+        _, steps = resnet50_steps(batch, side, device=device, backends=contenders, gradcam="gradcam" not in skip)
+        row = {"batch": batch, "side": side, "ms": {}, "peak_bytes": {}, "errors": {}}
+        for name, fn in steps.items():
+            try:
+                row["ms"][name] = time_ms(fn, device, reps)
+                row["peak_bytes"][name] = peak_bytes(fn, device)
+            except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
+                row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        plain = row["ms"].get("plain")
+        row["overhead_percent"] = {n: 100 * (ms / plain - 1) for n, ms in row["ms"].items() if plain and n != "plain"}
+        rows.append(row)
+        del steps
+    return rows
+
+
+def print_e2e_table(rows: list[dict], device: str) -> None:
+    names = list(dict.fromkeys(n for r in rows for n in (*r["ms"], *r["errors"])))
+    print("whole ResNet-50 training steps (bf16 autocast, channels_last, SGD): median ms per step, "
+          "(+% over the plain step)" + (", peak GiB" if device == "cuda" else ""))  # fmt: skip
+    print(f"{'batch x side':14s} " + " ".join(f"{n:>18s}" for n in names))
+    for r in rows:
+        cells = []
+        for n in names:
+            if n not in r["ms"]:
+                cells.append(f"{'failed':>18s}")
+                continue
+            extra = "" if n == "plain" else f" ({r['overhead_percent'][n]:+.1f}%)" if n in r["overhead_percent"] else ""
+            cells.append(f"{r['ms'][n]:.2f}{extra}".rjust(18))
+        print(f"{str(r['batch']) + ' x ' + str(r['side']):14s} " + " ".join(cells))
+        if device == "cuda":
+            print(f"{'  peak GiB':14s} " + " ".join(
+                f"{_fmt(None if r['peak_bytes'].get(n) is None else r['peak_bytes'][n] / 2**30, '.2f'):>18s}"
+                for n in names))  # fmt: skip
+        for name, error in r["errors"].items():
+            print(f"    {name} failed: {error}")
+
+
 def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     usable = [n for n, info in fastcam.backends().items() if info.usable and device in info.device_types]
@@ -161,30 +241,40 @@ def run(args) -> int:
         raise SystemExit(f"fastcam bench: --backends {' '.join(unknown)}: not a fastcam backend usable on {device} "
                          f"here (usable: {', '.join(n for n in usable if n != 'torch') or 'none'}; "
                          "see `fastcam info`)")  # fmt: skip
+    if args.e2e_configs and not args.e2e:
+        raise SystemExit("fastcam bench: --e2e-configs needs --e2e")
     if args.reps < 1:
         raise SystemExit(f"fastcam bench: --reps must be at least 1, got {args.reps}")
     if args.batch and min(args.batch) < 1:
         raise SystemExit(f"fastcam bench: --batch sizes must be at least 1, got {args.batch}")
-    by_name = {s.name: s for s in (*SPEC_SHAPES, TINY)}
-    shapes = [by_name[n] for n in (args.shapes or [s.name for s in SPEC_SHAPES])]
-    batches = args.batch or ([None] if device == "cuda" else [2])
-    bandwidth = copy_bandwidth(device, args.reps)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({name}) | torch {torch.__version__} | fastcam {fastcam.__version__} | "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) | bf16 features")
-    rows = []
-    for shape in shapes:
-        for batch in batches:
-            rows.append(run_shape(shape if batch is None else shape.scaled(batch), device, backends, args.skip,
-                                  args.reps, bandwidth))  # fmt: skip
-    columns = [c for c in (*BASELINES, *backends) if any(c in r["ms"] or c in r["errors"] for r in rows)]
-    print_table(rows, columns)
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "device_name": name, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "fastcam": fastcam.__version__,
+              "backends": {n: str(fastcam.backends()[n]) for n in backends}}  # fmt: skip
+    if args.e2e:
+        if args.shapes or args.batch:
+            raise SystemExit("fastcam bench: --shapes and --batch are for the head's table; --e2e takes --e2e-configs")
+        configs = _e2e_configs(args.e2e_configs, device)
+        print(f"device {device} ({name}) | torch {torch.__version__} | fastcam {fastcam.__version__}")
+        record["e2e"] = run_e2e(configs, device, backends, args.skip, args.reps)
+        print_e2e_table(record["e2e"], device)
+    else:
+        by_name = {s.name: s for s in (*SPEC_SHAPES, TINY)}
+        shapes = [by_name[n] for n in (args.shapes or [s.name for s in SPEC_SHAPES])]
+        batches = args.batch or ([None] if device == "cuda" else [2])
+        bandwidth = copy_bandwidth(device, args.reps)
+        print(f"device {device} ({name}) | torch {torch.__version__} | fastcam {fastcam.__version__} | "
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) | bf16 features")
+        rows = []
+        for shape in shapes:
+            for batch in batches:
+                rows.append(run_shape(shape if batch is None else shape.scaled(batch), device, backends, args.skip,
+                                      args.reps, bandwidth))  # fmt: skip
+        columns = [c for c in (*BASELINES, *backends) if any(c in r["ms"] or c in r["errors"] for r in rows)]
+        print_table(rows, columns)
+        record.update(copy_bandwidth_bytes_per_s=bandwidth, rows=rows)
     if args.json:
-        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": device, "device_name": name, "torch": torch.__version__,
-                  "cuda": torch.version.cuda, "fastcam": fastcam.__version__,
-                  "backends": {n: str(fastcam.backends()[n]) for n in backends},
-                  "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}  # fmt: skip
         try:
             import triton
 
