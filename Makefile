@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcam-installed
+BUILD_DEPS := $(VENV)/.fastcam-build-deps
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: demo test bench info clean
+.PHONY: demo test bench info wheel wheel-check clean
 
 # torch first: building fastcam._C (csrc/) needs it importable (--no-build-isolation).
-$(STAMP): pyproject.toml setup.py fastcam/_build.py $(CSRC)
+$(BUILD_DEPS):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install 'torch>=2.4' torchvision 'setuptools>=64' wheel ninja
+	$(PY) -m pip install 'torch>=2.4' torchvision 'setuptools>=64' wheel ninja packaging
+	touch $@
+
+$(STAMP): pyproject.toml setup.py fastcam/_build.py $(CSRC) | $(BUILD_DEPS)
 	$(PY) -m pip install --no-build-isolation -e '.[test,bench]'
 	touch $@
 
@@ -27,5 +31,11 @@ bench: $(STAMP)  ## pytest-benchmark on this machine's device
 info: $(STAMP)
 	$(VENV)/bin/fastcam info
 
+wheel: $(BUILD_DEPS)  ## dist/fastcam-<ver>+cu<XY>torch<X.Y>-*.whl for .venv's torch (TORCH_CUDA_ARCH_LIST, MAX_JOBS)
+	PYTHON=$(PY) scripts/build_wheel.sh
+
+wheel-check:  ## the newest dist/ wheel installed in a fresh venv (deleted after), smoke-tested outside the checkout
+	PYTHON=$(PY) scripts/wheel_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks fastcam/*.so
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks fastcam/*.so

@@ -13,6 +13,17 @@ import sysconfig
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
+def local_version(torch_version: str, cuda_version: str | None) -> str:
+    """The PEP 440 local version of a wheel built against this torch: "cu130torch2.14" (CUDA
+    13.0, torch 2.14.x), or "cputorch2.14" without CUDA kernels. torch's C++ ABI holds within
+    a major.minor release, CUDA's within a major one; the tag names what the wheel needs."""
+    from packaging.version import Version
+
+    major, minor = Version(torch_version).release[:2]
+    cuda = "cu" + "".join(str(n) for n in Version(cuda_version).release[:2]) if cuda_version else "cpu"
+    return f"{cuda}torch{major}.{minor}"
+
+
 def find_csrc() -> str | None:
     """csrc/ of a source checkout (or shipped inside the package), or None."""
     here = os.path.dirname(os.path.abspath(__file__))
