@@ -16,13 +16,16 @@ pytestmark = pytest.mark.skipif(not fastcam.backends()["cpu"].usable, reason="th
 
 # An fp32 GEMM of these errs by ~2e-7 of the largest score, two bf16 parts of W (not three) by
 # ~2e-6. (layout, B, C, K, H, W): several blocks of 64 positions with a tail, an odd K (padded), more
-# than 64 stacked weight rows, channels-last and tokens with >= 128 positions (their bf16 path),
-# and a small channels-last map (the fp32 path).
+# than 64 stacked weight rows (NCHW: in chunks of 64 rows, the last partial), channels-last and
+# tokens with >= 128 positions (their bf16 path), many classes both ways, and a small
+# channels-last map (the fp32 path, last).
 CASES = [
     ("nchw", 3, 5, 37, 10, 13),
     ("nchw", 2, 30, 64, 7, 7),
     ("channels_last", 2, 25, 48, 12, 11),
     ("tokens", 3, 7, 40, 13, 10),
+    ("nchw", 2, 60, 128, 9, 9),
+    ("tokens", 2, 45, 32, 12, 12),
     ("channels_last", 2, 3, 6, 3, 4),
 ]
 
@@ -52,7 +55,7 @@ def test_scores_match_an_fp64_gemm(case, monkeypatch):
 
 @pytest.mark.skipif(not (fastcam.backends()["cpu"].usable and torch.ops.fastcam.cpu_bf16_gemm()),
                     reason="this CPU has no bf16 matrix units (or ATen no bf16 brgemm)")
-@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+@pytest.mark.parametrize("case", CASES[:-1], ids=[f"{c[0]}-C{c[2]}" for c in CASES[:-1]])
 def test_the_units_path_is_taken(case, monkeypatch):
     # Different summation orders give different last bits somewhere: equal results everywhere
     # would mean both runs took the same path.
