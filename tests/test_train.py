@@ -158,3 +158,23 @@ def test_weights_file_sums_the_rgb_first_conv_and_drops_the_head(tmp_path):
         build_model("resnet50", 5, str(tmp_path / "r18.pt"))
     with pytest.raises(TrainError, match="unknown arch 'vgg11'"):
         build_model("vgg11", 5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_train_under_torchrun_with_two_gloo_processes(nih):
+    # `fastcam train` under torchrun: two CPU processes (gloo), DDP, each with half of the batches;
+    # rank 0 alone logs and writes the checkpoints.
+    import os
+    import subprocess
+    import sys
+
+    out = nih / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastcam.cli", "train", *data_args(nih), *TINY, "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ckpt = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and "x 2 processes" in done.stdout  # rank 0's log line, printed once
+    assert done.stdout.count("x 2 processes") == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == ["checkpoint-epoch001.pt", "checkpoint-last.pt"]
