@@ -1,5 +1,5 @@
 """Training hygiene and inputs at the edges (issue 7): a long CPU training loop that does not
-grow memory or touch what it should not, non-finite weights, and huge C and N."""
+grow memory or touch what it should not, non-finite weights, mismatched dtypes, and huge C and N."""
 
 import gc
 import os
@@ -108,3 +108,31 @@ def test_a_thousand_classes_and_a_64x64_map(backend, device):
     for name, a, r in zip(("loss", "grad features", "grad weight", "grad bias"), run(backend), run("torch")):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6 * float(r.detach().abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED, ids=[f"{b}-{d}" for b, d in COMPILED])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64, torch.float16),
+                                    (torch.bfloat16, torch.float32, torch.float64),
+                                    (torch.float16, torch.float64, torch.float32)],
+                         ids=["f32-w64-b16", "bf16-w32-b64", "f16-w64-b32"])  # fmt: skip
+def test_mismatched_dtypes_work_like_the_reference(backend, device, dtypes):
+    # Features, weight and bias of three different float dtypes: the reference's values, and each
+    # gradient in its input's dtype (the head computes in the features' accumulation type).
+    fdt, wdt, bdt = dtypes
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(3, 6, 4, 5, generator=g).to(device, fdt)
+    weight = (torch.randn(4, 6, generator=g) / 6**0.5).to(device, wdt)
+    bias = torch.randn(4, generator=g).to(device, bdt)
+    labels = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], device=device)
+
+    def run(be):
+        f, w, b = (t.clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, labels, backend=be)
+        return (out.loss, out.logits, *torch.autograd.grad(out.loss, (f, w, b)))
+
+    got, want = run(backend), run("torch")
+    for name, a, r in zip(("loss", "logits", "grad features", "grad weight", "grad bias"), got, want):
+        assert a.dtype == r.dtype, name
+        tol = 1e-5 if fdt == torch.float32 else 2e-2
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol * float(r.detach().abs().max()), msg=name)
+    assert [t.dtype for t in got[2:]] == [fdt, wdt, bdt]
