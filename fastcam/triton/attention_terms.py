@@ -14,19 +14,20 @@ The kernels, in the order they run:
 * ``_class_weights_kernel`` — q[b, c] (the label where known, else sigmoid(logit) or 0);
 * ``_variance_kernel`` (coherence) — each map's spatial variance; a program holds whole maps
   (``N`` up to a few thousand positions), as many as fit in ``MAP_BLOCK`` values;
-* the overlaps of the pairwise terms, with the kernels of fastcam/triton/pairwise_overlap.py:
-  the classes of each image (distinctiveness), the images of each class (consistency, a strided
-  view of the same maps);
-* ``_terms_kernel`` — one program: the masked BCE, the pair-weighted sums of the overlaps and
-  of the pair weights, the coherence sums, and the weighted total. A sum over every pair of a
-  group in one program is fine at the sizes of SPEC §5 (up to B C^2 = 2M pairs).
+* the pairwise terms with the overlap kernel of fastcam/triton/pairwise_overlap.py in its
+  weighted mode: the classes of each image (distinctiveness), the images of each class
+  (consistency, a strided view of the same maps); each tile of pairs writes its sums of the
+  pair weights w and of w O (w (1 - O)), the overlaps themselves are never stored;
+* ``_terms_kernel`` — one program: the masked BCE, the tiles' partial sums, the coherence
+  sums, and the weighted total.
 
-Backward: ``_class_weights_kernel``, then ``_terms_backward_kernel`` (one program: the BCE's
-gradient to the logits and the device scalars that scale each term's map gradient — the
-total pair weight is summed pair by pair, as the reference does, never as (sum q)^2 - sum q^2,
-which cancels), then the pairwise overlaps' backward with the pair weights
-``2 * scale * q[p] * q[q]`` and the variance gradient, accumulated into dL/dcams in that
-order. Nothing reads a device value on the host; every sum has a fixed order (no atomics).
+Backward: ``_class_weights_kernel``; the overlap backward's per-pair coefficients for the pair
+weights ``2 q[p] q[q]``, with each tile's sum of the pair weights; ``_terms_backward_kernel``
+(one program: the BCE's gradient to the logits, and the device scalars that scale each term's
+map gradient, from those sums: the total pair weight is summed pair by pair, as the reference
+does, never as (sum q)^2 - sum q^2, which cancels); then the overlap gradient times its scale
+and the variance gradient, accumulated into dL/dcams in that order. Nothing reads a device
+value on the host; every sum has a fixed order (no atomics).
 
 Pairs are summed densely, as in the reference: a pair of zero weight still multiplies its
 overlap, so a NaN map makes the term NaN, as it does there.
@@ -42,7 +43,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastcam.triton.normalize import _no_double_backward
-from fastcam.triton.pairwise_overlap import launch_overlap, launch_overlap_backward, rejoin, split_float
+from fastcam.triton.pairwise_overlap import launch_coefficients, launch_grad, launch_overlap, rejoin, split_float, tiles
 
 BLOCK = 1024  # entries or pairs per step of the one-program reductions
 BLOCK_Q = 256  # entries per program of _class_weights_kernel
@@ -133,36 +134,25 @@ def _bce(x, y):
 
 
 @triton.jit
-def _pair_sums(q_ptr, o_ptr, G, P, q_sg, q_sp, HAS_O: tl.constexpr, CONSIST: tl.constexpr, ACC_F64: tl.constexpr,
-               BLOCK: tl.constexpr):  # fmt: skip
-    """(sum w, sum w O) over the pairs of every group (sum w (1 - O) for CONSIST), w[g, p, r] =
-    q[g, p] q[g, r] off the diagonal and 0 on it, O [G, P, P] contiguous (with HAS_O)."""
+def _sum_of(ptr, n, stride, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+    """sum of ptr[i * stride] for i < n, in a fixed order."""
     acc_ty = tl.float64 if ACC_F64 else tl.float32
-    sum_w = tl.zeros((BLOCK,), dtype=acc_ty)
-    sum_wo = tl.zeros((BLOCK,), dtype=acc_ty)
-    for i0 in range(0, G * P * P, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        valid = idx < G * P * P
-        g = idx // (P * P)
-        p = (idx // P) % P
-        r = idx % P
-        qp = tl.load(q_ptr + g * q_sg + p * q_sp, mask=valid, other=0.0)
-        qr = tl.load(q_ptr + g * q_sg + r * q_sp, mask=valid, other=0.0)
-        w = tl.where(p != r, qp * qr, 0.0)
-        sum_w += w
-        if HAS_O:
-            o = tl.load(o_ptr + idx, mask=valid, other=0.0)
-            sum_wo += w * (1 - o) if CONSIST else w * o  # 0 * NaN is NaN, as in the reference
-    return tl.sum(sum_w, axis=0), tl.sum(sum_wo, axis=0)
+    total = tl.zeros((BLOCK,), dtype=acc_ty)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        total += tl.load(ptr + offs * stride, mask=offs < n, other=0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
-def _terms_kernel(x_ptr, y_ptr, m_ptr, q_ptr, var_ptr, od_ptr, oc_ptr, res_ptr, B, C, eps_hi, eps_lo, w0_hi, w0_lo,
-                  w1_hi, w1_lo, w2_hi, w2_lo, w3_hi, w3_lo, HAS_Y: tl.constexpr, HAS_M: tl.constexpr,
+def _terms_kernel(x_ptr, y_ptr, m_ptr, q_ptr, var_ptr, pd_ptr, n_d, pc_ptr, n_c, res_ptr, B, C, eps_hi, eps_lo,
+                  w0_hi, w0_lo, w1_hi, w1_lo, w2_hi, w2_lo, w3_hi, w3_lo, HAS_Y: tl.constexpr, HAS_M: tl.constexpr,
                   DO_BCE: tl.constexpr, DO_DISTINCT: tl.constexpr, DO_CONSIST: tl.constexpr,
                   DO_COHERENCE: tl.constexpr, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """res = [loss, bce, distinct, consist, coherence] (0 for a term not computed); the weights
-    w0..w3 (classification and the lambdas) and eps in split_float's halves."""
+    """res = [loss, bce, distinct, consist, coherence] (0 for a term not computed) from the
+    n_d (n_c) tiles' (sum w, sum w O) of the distinctiveness (consistency) term at pd (pc), and
+    the variances; the weights w0..w3 (classification and the lambdas) and eps in split_float's
+    halves."""
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     eps = rejoin(eps_hi, eps_lo, ACC_F64)
     bce = tl.zeros((BLOCK,), dtype=acc_ty)
@@ -186,13 +176,11 @@ def _terms_kernel(x_ptr, y_ptr, m_ptr, q_ptr, var_ptr, od_ptr, oc_ptr, res_ptr, 
         tl.store(res_ptr + 1, value)
         loss += rejoin(w0_hi, w0_lo, ACC_F64) * value
     if DO_DISTINCT:
-        sum_w, sum_wo = _pair_sums(q_ptr, od_ptr, B, C, C, 1, True, False, ACC_F64, BLOCK)
-        value = sum_wo / (sum_w + eps)
+        value = _sum_of(pd_ptr + 1, n_d, 2, ACC_F64, BLOCK) / (_sum_of(pd_ptr, n_d, 2, ACC_F64, BLOCK) + eps)
         tl.store(res_ptr + 2, value)
         loss += rejoin(w1_hi, w1_lo, ACC_F64) * value
     if DO_CONSIST:
-        sum_w, sum_wo = _pair_sums(q_ptr, oc_ptr, C, B, 1, C, True, True, ACC_F64, BLOCK)
-        value = sum_wo / (sum_w + eps)
+        value = _sum_of(pc_ptr + 1, n_c, 2, ACC_F64, BLOCK) / (_sum_of(pc_ptr, n_c, 2, ACC_F64, BLOCK) + eps)
         tl.store(res_ptr + 3, value)
         loss += rejoin(w2_hi, w2_lo, ACC_F64) * value
     if DO_COHERENCE:
@@ -203,14 +191,15 @@ def _terms_kernel(x_ptr, y_ptr, m_ptr, q_ptr, var_ptr, od_ptr, oc_ptr, res_ptr, 
 
 
 @triton.jit
-def _terms_backward_kernel(x_ptr, y_ptr, m_ptr, q_ptr, gt_ptr, gl_ptr, sd_ptr, sc_ptr, sh_ptr, B, C, eps_hi, eps_lo,
-                           w0_hi, w0_lo, w1_hi, w1_lo, w2_hi, w2_lo, w3_hi, w3_lo, HAS_Y: tl.constexpr,
-                           HAS_M: tl.constexpr, DO_BCE: tl.constexpr, DO_DISTINCT: tl.constexpr,
+def _terms_backward_kernel(x_ptr, y_ptr, m_ptr, q_ptr, gt_ptr, pd_ptr, n_d, pc_ptr, n_c, gl_ptr, sd_ptr, sc_ptr,
+                           sh_ptr, B, C, eps_hi, eps_lo, w0_hi, w0_lo, w1_hi, w1_lo, w2_hi, w2_lo, w3_hi, w3_lo,
+                           HAS_Y: tl.constexpr, HAS_M: tl.constexpr, DO_BCE: tl.constexpr, DO_DISTINCT: tl.constexpr,
                            DO_CONSIST: tl.constexpr, DO_COHERENCE: tl.constexpr, ACC_F64: tl.constexpr,
                            BLOCK: tl.constexpr):  # fmt: skip
     """gl = dL/dlogits (the BCE's; zero-filled without it); sd, sc: the distinctiveness and
-    consistency terms' dL/dO per unit pair weight, sh: dL/dvar per unit q. Each term's gradient
-    comes directly (gt[i]) and through the total (gt[0] times its weight)."""
+    consistency terms' dL/dO per unit pair weight (the n_d, n_c tiles' sums of the pair weights
+    at pd, pc give their totals), sh: dL/dvar per unit q. Each term's gradient comes directly
+    (gt[i]) and through the total (gt[0] times its weight)."""
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     eps = rejoin(eps_hi, eps_lo, ACC_F64)
     g_total = tl.load(gt_ptr)
@@ -229,19 +218,14 @@ def _terms_backward_kernel(x_ptr, y_ptr, m_ptr, q_ptr, gt_ptr, gl_ptr, sd_ptr, s
             sigmoid = tl.sigmoid(x)
             tl.store(gl_ptr + offs, tl.where(known, scale * (sigmoid - y), 0 * sigmoid), mask=valid)
     if DO_DISTINCT:
-        sum_w, _ = _pair_sums(q_ptr, q_ptr, B, C, C, 1, False, False, ACC_F64, BLOCK)
-        tl.store(sd_ptr, (tl.load(gt_ptr + 2) + g_total * rejoin(w1_hi, w1_lo, ACC_F64)) / (sum_w + eps))
+        g_distinct = tl.load(gt_ptr + 2) + g_total * rejoin(w1_hi, w1_lo, ACC_F64)
+        tl.store(sd_ptr, g_distinct / (_sum_of(pd_ptr, n_d, 1, ACC_F64, BLOCK) + eps))
     if DO_CONSIST:
-        sum_w, _ = _pair_sums(q_ptr, q_ptr, C, B, 1, C, False, True, ACC_F64, BLOCK)
         g_consist = tl.load(gt_ptr + 3) + g_total * rejoin(w2_hi, w2_lo, ACC_F64)
-        tl.store(sc_ptr, -g_consist / (sum_w + eps))  # the term has 1 - O
+        tl.store(sc_ptr, -g_consist / (_sum_of(pc_ptr, n_c, 1, ACC_F64, BLOCK) + eps))  # the term has 1 - O
     if DO_COHERENCE:
-        q_sum = tl.zeros((BLOCK,), dtype=acc_ty)
-        for i0 in range(0, B * C, BLOCK):
-            offs = i0 + tl.arange(0, BLOCK)
-            q_sum += tl.load(q_ptr + offs, mask=offs < B * C, other=0.0)
         g_coherence = tl.load(gt_ptr + 4) + g_total * rejoin(w3_hi, w3_lo, ACC_F64)
-        tl.store(sh_ptr, g_coherence / (tl.sum(q_sum, axis=0) + eps))
+        tl.store(sh_ptr, g_coherence / (_sum_of(q_ptr, B * C, 1, ACC_F64, BLOCK) + eps))
 
 
 def _map_blocks(maps: int, n: int) -> tuple[int, int]:
@@ -301,15 +285,16 @@ def attention_terms(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tens
         wrap_triton(_variance_kernel)[(triton.cdiv(B * C, rows),)](c, var, B * C, N, grid_h, grid_w, *split_float(eps),
                                                                    ACC_F64=flags["ACC_F64"], ROWS=rows,
                                                                    BLOCK_N=block_n)  # fmt: skip
-    o_distinct = c.new_empty((B, C, C) if flags["DO_DISTINCT"] else (0,))
+    # The pairs of classes of each image (distinctiveness), of images of each class (consistency).
+    part_d = c.new_empty((B, tiles(C), tiles(C), 2) if flags["DO_DISTINCT"] else (0,))
     if flags["DO_DISTINCT"]:
-        launch_overlap(c, o_distinct, B, C, N, C * N, N, measure, eps)  # the classes of each image
-    o_consist = c.new_empty((C, B, B) if flags["DO_CONSIST"] else (0,))
+        launch_overlap(c, part_d, B, C, N, C * N, N, measure, eps, q=q, q_strides=(C, 1))
+    part_c = c.new_empty((C, tiles(B), tiles(B), 2) if flags["DO_CONSIST"] else (0,))
     if flags["DO_CONSIST"]:
-        launch_overlap(c, o_consist, C, B, N, N, C * N, measure, eps)  # the images of each class
+        launch_overlap(c, part_c, C, B, N, N, C * N, measure, eps, q=q, q_strides=(1, C), consist=True)
     res = c.new_zeros(5)
-    wrap_triton(_terms_kernel)[(1,)](x, y, m, q, var, o_distinct, o_consist, res, B, C, *_scalars(eps, weights),
-                                     **flags, BLOCK=BLOCK)  # fmt: skip
+    wrap_triton(_terms_kernel)[(1,)](x, y, m, q, var, part_d, part_d.numel() // 2, part_c, part_c.numel() // 2, res, B,
+                                     C, *_scalars(eps, weights), **flags, BLOCK=BLOCK)  # fmt: skip
     return res
 
 
@@ -327,15 +312,18 @@ def attention_terms_backward(grad_terms: torch.Tensor, logits: torch.Tensor, cam
         return grad_logits, grad_cams
     gt = grad_terms.to(c.dtype).contiguous()
     q = _class_weights(x, y, m, flags, predicted)
+    groups = dict(distinct=(B, C, C * N, N, (C, 1)), consist=(C, B, N, C * N, (1, C)))  # G, P, s_g, s_p, q strides
+    coefficients = {name: launch_coefficients(c, G, P, N, s_g, s_p, measure, eps, q=q, q_strides=q_strides)
+                    if flags[f"DO_{name.upper()}"] else (None, None, c.new_empty(0))
+                    for name, (G, P, s_g, s_p, q_strides) in groups.items()}  # fmt: skip
+    part_d, part_c = coefficients["distinct"][2], coefficients["consist"][2]
     scales = [c.new_zeros(1) for _ in range(3)]  # distinct, consist, coherence (no views: compile-friendly)
-    wrap_triton(_terms_backward_kernel)[(1,)](x, y, m, q, gt, grad_logits, *scales, B, C, *_scalars(eps, weights),
-                                              **flags, BLOCK=BLOCK)  # fmt: skip
-    if flags["DO_DISTINCT"]:
-        launch_overlap_backward(c, grad_cams, B, C, N, C * N, N, measure, eps, q=q, q_strides=(C, 1), scale=scales[0],
-                                accumulate=True)  # fmt: skip
-    if flags["DO_CONSIST"]:
-        launch_overlap_backward(c, grad_cams, C, B, N, N, C * N, measure, eps, q=q, q_strides=(1, C),
-                                scale=scales[1], accumulate=True)  # fmt: skip
+    wrap_triton(_terms_backward_kernel)[(1,)](x, y, m, q, gt, part_d, part_d.numel(), part_c, part_c.numel(),
+                                              grad_logits, *scales, B, C, *_scalars(eps, weights), **flags,
+                                              BLOCK=BLOCK)  # fmt: skip
+    for scale, (name, (G, P, s_g, s_p, _)) in zip(scales, groups.items()):  # distinctiveness, then consistency
+        if flags[f"DO_{name.upper()}"]:
+            launch_grad(c, grad_cams, coefficients[name], G, P, N, s_g, s_p, measure, scale=scale, accumulate=True)
     if flags["DO_COHERENCE"]:
         rows, block_n = _map_blocks(B * C, N)
         wrap_triton(_variance_grad_kernel)[(triton.cdiv(B * C, rows),)](c, q, scales[2], grad_cams, B * C, N, grid_h,

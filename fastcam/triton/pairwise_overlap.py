@@ -14,14 +14,15 @@ pairs instead of one pair at a time:
 * forward: a program per tile of pairs sums over the positions — ``tl.dot`` for the Gram-like
   measures (dot, cosine), a ``[BLOCK_P, BLOCK_P, BLOCK_N]`` broadcast for the min/max ones — and
   only the tiles on and above the diagonal are computed (the measures are symmetric) and written
-  to both places;
+  to both places; for the loss terms, each tile writes its pair-weighted sum instead;
 * backward: with ``W[p, q] = grad[p, q] + grad[q, p]`` (the weight of the pair in a map's
   gradient), every measure's gradient of map ``p`` is
   ``sum_q A[p, q] * x(p, q, n) + sum_q B[p, q] * y(p, q, n)`` with per-pair coefficients ``A``,
   ``B`` (``x`` = the other map for dot and cosine, d min/da for the others; ``y`` = the map itself
   for cosine, d max/da for soft IoU, 1 for dice). A first kernel computes ``A`` and ``B`` from the
   pairs' sums, a second one the gradient: a program per (group, tile of maps, tile of positions)
-  loops over the other maps in a fixed order — deterministic, no atomics.
+  loops over the other maps in a fixed order — deterministic, no atomics. The loss terms make
+  ``W`` from their pair weights, and scale the gradient by a device scalar.
 
 NaN propagates as in the reference (``torch.minimum``/``maximum`` keep it); ties split the
 gradient of min/max equally; the norm's gradient at 0 is 0, so an all-zero map overlaps nothing
@@ -123,13 +124,30 @@ def _pair_sums(base, offs_p, offs_q, P, N, s_p, MEASURE: tl.constexpr, ACC_F64: 
 
 
 @triton.jit
-def _overlap_kernel(cams_ptr, out_ptr, P, N, s_g, s_p, eps_hi, eps_lo, MEASURE: tl.constexpr,
-                    ACC_F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """out[g, p, q] for a tile of pairs on or above the diagonal, written to both places."""
+def _pair_weights(q_ptr, offs_p, offs_q, P, q_sp):
+    """w[p, q] = q[p] q[q] off the diagonal, 0 on it and outside (the loss terms' pair weights)."""
+    qp = tl.load(q_ptr + offs_p * q_sp, mask=offs_p < P, other=0.0)
+    qq = tl.load(q_ptr + offs_q * q_sp, mask=offs_q < P, other=0.0)
+    return tl.where(offs_p[:, None] != offs_q[None, :], qp[:, None] * qq[None, :], 0.0)
+
+
+@triton.jit
+def _overlap_kernel(cams_ptr, out_ptr, q_ptr, P, N, s_g, s_p, q_sg, q_sp, eps_hi, eps_lo, MEASURE: tl.constexpr,
+                    WEIGHTED: tl.constexpr, CONSIST: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tile of pairs on or above the diagonal: out[g, p, q] = O, written to both places; or,
+    WEIGHTED (the loss terms), out[g, tile_p, tile_q] = (sum w, sum w O) over the tile's pairs
+    (sum w (1 - O) for CONSIST), twice for a tile above the diagonal, which stands for its
+    mirror too, and 0 below it. w: _pair_weights of q[g, p] at q_ptr + g * q_sg + p * q_sp;
+    a pair of weight 0 still multiplies its overlap (0 * NaN is NaN, as in the reference)."""
     g = tl.program_id(0).to(tl.int64)
     tile_p = tl.program_id(1)
     tile_q = tl.program_id(2)
+    part = out_ptr + ((g * tl.num_programs(1) + tile_p) * tl.num_programs(2) + tile_q) * 2
     if tile_q < tile_p:
+        if WEIGHTED:
+            tl.store(part, 0.0)
+            tl.store(part + 1, 0.0)
         return
     eps = rejoin(eps_hi, eps_lo, ACC_F64)
     offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -144,31 +162,39 @@ def _overlap_kernel(cams_ptr, out_ptr, P, N, s_g, s_p, eps_hi, eps_lo, MEASURE: 
         value = 2 * s1 / (stat_p[:, None] + stat_q[None, :] + eps)
     else:  # dot, intersection
         value = s1
-    mask = (offs_p[:, None] < P) & (offs_q[None, :] < P)
-    out = out_ptr + g * P * P
-    tl.store(out + offs_p[:, None] * P + offs_q[None, :], value, mask=mask)
-    tl.store(out + offs_q[None, :] * P + offs_p[:, None], value, mask=mask & (tile_q != tile_p))
+    if WEIGHTED:
+        w = _pair_weights(q_ptr + g * q_sg, offs_p, offs_q, P, q_sp)
+        term = 1 - value if CONSIST else value
+        twice = tl.where(tile_q != tile_p, 2.0, 1.0)
+        tl.store(part, twice * tl.sum(tl.sum(w, axis=1), axis=0))
+        tl.store(part + 1, twice * tl.sum(tl.sum(w * term, axis=1), axis=0))
+    else:
+        mask = (offs_p[:, None] < P) & (offs_q[None, :] < P)
+        out = out_ptr + g * P * P
+        tl.store(out + offs_p[:, None] * P + offs_q[None, :], value, mask=mask)
+        tl.store(out + offs_q[None, :] * P + offs_p[:, None], value, mask=mask & (tile_q != tile_p))
 
 
 @triton.jit
-def _coefficients_kernel(cams_ptr, gout_ptr, q_ptr, scale_ptr, a_ptr, b_ptr, P, N, s_g, s_p, q_sg, q_sp, eps_hi,
+def _coefficients_kernel(cams_ptr, gout_ptr, q_ptr, part_ptr, a_ptr, b_ptr, P, N, s_g, s_p, q_sg, q_sp, eps_hi,
                          eps_lo, MEASURE: tl.constexpr, FROM_Q: tl.constexpr, ACC_F64: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The per-pair coefficients A, B [G, P, P] of the backward (see the module's docstring).
 
     The pair weights are ``W = gout[p, q] + gout[q, p]``, or with FROM_Q (the loss terms)
-    ``W = 2 * scale * q[g, p] * q[g, q]`` off the diagonal and 0 on it, ``scale`` a device
-    scalar, ``q[g, p]`` at ``q_ptr + g * q_sg + p * q_sp``.
+    ``W = 2 w`` with w the _pair_weights of q (q[g, p] at ``q_ptr + g * q_sg + p * q_sp``),
+    the loss term's scale left to _grad_kernel; then part[g, tile_p, tile_q] = sum w over the
+    tile, from which that scale is made.
     """
     g = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (offs_p[:, None] < P) & (offs_q[None, :] < P)
     if FROM_Q:
-        qp = tl.load(q_ptr + g * q_sg + offs_p * q_sp, mask=offs_p < P, other=0.0)
-        qq = tl.load(q_ptr + g * q_sg + offs_q * q_sp, mask=offs_q < P, other=0.0)
-        w = 2 * tl.load(scale_ptr) * qp[:, None] * qq[None, :]
-        w = tl.where(offs_p[:, None] != offs_q[None, :], w, 0.0)
+        w = _pair_weights(q_ptr + g * q_sg, offs_p, offs_q, P, q_sp)
+        tl.store(part_ptr + (g * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
+                 tl.sum(tl.sum(w, axis=1), axis=0))  # fmt: skip
+        w = 2 * w
     else:
         gout = gout_ptr + g * P * P
         w = (tl.load(gout + offs_p[:, None] * P + offs_q[None, :], mask=mask, other=0.0)
@@ -199,9 +225,11 @@ def _coefficients_kernel(cams_ptr, gout_ptr, q_ptr, scale_ptr, a_ptr, b_ptr, P, 
 
 
 @triton.jit
-def _grad_kernel(cams_ptr, a_ptr, b_ptr, grad_ptr, P, N, s_g, s_p, MEASURE: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 ACC_F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """grad[map p, tile of positions] (+)= sum over the maps q of the pair (p, q)'s terms."""
+def _grad_kernel(cams_ptr, a_ptr, b_ptr, scale_ptr, grad_ptr, P, N, s_g, s_p, MEASURE: tl.constexpr,
+                 SCALED: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """grad[map p, tile of positions] (+)= sum over the maps q of the pair (p, q)'s terms, times
+    the device scalar scale[0] when SCALED."""
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     g = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -234,6 +262,8 @@ def _grad_kernel(cams_ptr, a_ptr, b_ptr, grad_ptr, P, N, s_g, s_p, MEASURE: tl.c
         acc -= per_map[:, None] * mine
     if MEASURE == 3:
         acc += per_map[:, None]
+    if SCALED:
+        acc *= tl.load(scale_ptr)
     mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
     out = grad_ptr + g * s_g + offs_p[:, None] * s_p + offs_n[None, :]
     if ACCUMULATE:
@@ -253,34 +283,49 @@ def _check_maps(cams: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: cams must have stride 1 along the positions, got strides {cams.stride()}")
 
 
-def launch_overlap(cams, out, G, P, N, s_g, s_p, measure, eps) -> None:
-    """out [G, P, P] (contiguous) = the overlaps of the maps ``cams + g * s_g + p * s_p``."""
-    if G * P == 0:
-        return
-    tiles = triton.cdiv(P, BLOCK_P)
-    wrap_triton(_overlap_kernel)[(G, tiles, tiles)](cams, out, P, N, s_g, s_p, *split_float(eps),
-                                                    MEASURE=MEASURES[measure], ACC_F64=cams.dtype == torch.float64,
-                                                    BLOCK_P=BLOCK_P, BLOCK_N=_block_n(measure))  # fmt: skip
+def tiles(P: int) -> int:
+    """Tiles of pairs along each side of a group of P maps."""
+    return triton.cdiv(P, BLOCK_P)
 
 
-def launch_overlap_backward(cams, grad, G, P, N, s_g, s_p, measure, eps, *, gout=None, q=None, q_strides=(0, 0),
-                            scale=None, accumulate=False) -> None:  # fmt: skip
-    """grad (+)= d/dcams of sum W O over the pairs, W from gout [G, P, P] or from q and scale
-    (see _coefficients_kernel); grad has the strides of cams."""
+def launch_overlap(cams, out, G, P, N, s_g, s_p, measure, eps, *, q=None, q_strides=(0, 0), consist=False) -> None:
+    """The overlaps of the maps ``cams + g * s_g + p * s_p``: out [G, P, P] (contiguous) = O; or,
+    given the pair weights' q, out [G, tiles(P), tiles(P), 2] = the tiles' (sum w, sum w O)
+    (sum w (1 - O) with consist), see _overlap_kernel."""
     if G * P == 0:
         return
-    f64, m, tiles = cams.dtype == torch.float64, MEASURES[measure], triton.cdiv(P, BLOCK_P)
+    t = tiles(P)
+    wrap_triton(_overlap_kernel)[(G, t, t)](cams, out, cams if q is None else q, P, N, s_g, s_p, *q_strides,
+                                            *split_float(eps), MEASURE=MEASURES[measure], WEIGHTED=q is not None,
+                                            CONSIST=consist, ACC_F64=cams.dtype == torch.float64, BLOCK_P=BLOCK_P,
+                                            BLOCK_N=_block_n(measure))  # fmt: skip
+
+
+def launch_coefficients(cams, G, P, N, s_g, s_p, measure, eps, *, gout=None, q=None, q_strides=(0, 0)):
+    """The backward's per-pair coefficients ``(A, B, partials)`` (_coefficients_kernel), W from
+    gout [G, P, P] or from q (then partials [G, tiles(P), tiles(P)] hold the tiles' sums of w)."""
+    m, t = MEASURES[measure], tiles(P)
     coef_a = cams.new_empty((G, P, P))
     coef_b = cams.new_empty((G, P, P) if m in (0, 2, 3) else (0,))
-    from_q = gout is None
-    unused = cams.new_empty(0)
+    part = cams.new_empty((G, t, t) if q is not None else (0,))
+    if G * P > 0:
+        wrap_triton(_coefficients_kernel)[(G, t, t)](
+            cams, cams if gout is None else gout, cams if q is None else q, part, coef_a, coef_b, P, N, s_g, s_p,
+            *q_strides, *split_float(eps), MEASURE=m, FROM_Q=q is not None, ACC_F64=cams.dtype == torch.float64,
+            BLOCK_P=BLOCK_P, BLOCK_N=_block_n(measure))  # fmt: skip
+    return coef_a, coef_b, part
+
+
+def launch_grad(cams, grad, coefficients, G, P, N, s_g, s_p, measure, *, scale=None, accumulate=False) -> None:
+    """grad (+)= [scale *] the gradient that the coefficients (launch_coefficients) make; grad
+    has the strides of cams."""
+    if G * P == 0:
+        return
+    coef_a, coef_b, _ = coefficients
     block_n = _block_n(measure)
-    wrap_triton(_coefficients_kernel)[(G, tiles, tiles)](
-        cams, unused if from_q else gout, q if from_q else unused, scale if from_q else unused, coef_a, coef_b, P, N,
-        s_g, s_p, *q_strides, *split_float(eps), MEASURE=m, FROM_Q=from_q, ACC_F64=f64, BLOCK_P=BLOCK_P,
-        BLOCK_N=block_n)  # fmt: skip
-    wrap_triton(_grad_kernel)[(G, tiles, triton.cdiv(N, block_n))](
-        cams, coef_a, coef_b, grad, P, N, s_g, s_p, MEASURE=m, ACCUMULATE=accumulate, ACC_F64=f64, BLOCK_P=BLOCK_P,
+    wrap_triton(_grad_kernel)[(G, tiles(P), triton.cdiv(N, block_n))](
+        cams, coef_a, coef_b, cams if scale is None else scale, grad, P, N, s_g, s_p, MEASURE=MEASURES[measure],
+        SCALED=scale is not None, ACCUMULATE=accumulate, ACC_F64=cams.dtype == torch.float64, BLOCK_P=BLOCK_P,
         BLOCK_N=block_n)  # fmt: skip
 
 
@@ -302,7 +347,8 @@ def pairwise_overlap_backward(grad: torch.Tensor, cams: torch.Tensor, measure: s
     c = cams.contiguous()
     G, P, N = c.shape
     out = torch.empty_like(c)
-    launch_overlap_backward(c, out, G, P, N, P * N, N, measure, eps, gout=grad.to(c.dtype).contiguous())
+    coefficients = launch_coefficients(c, G, P, N, P * N, N, measure, eps, gout=grad.to(c.dtype).contiguous())
+    launch_grad(c, out, coefficients, G, P, N, P * N, N, measure)
     return out
 
 
