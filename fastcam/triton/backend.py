@@ -1,14 +1,20 @@
-"""``backend="triton"``: the head in Triton — its GEMMs (fastcam/triton/cam_head.py) and the
-per-map logits and normalization (fastcam/triton/normalize.py) — and the loss terms as in
-:mod:`fastcam.reference` on top of them (their own Triton kernels are the next step of this
-backend). Same validated arguments as the reference's functions.
+"""``backend="triton"``: every op in Triton kernels registered with ``torch.library.triton_op`` —
+the head's GEMMs (fastcam/triton/cam_head.py), the per-map logits and normalization
+(fastcam/triton/normalize.py), the pairwise overlaps (fastcam/triton/pairwise_overlap.py) and
+the loss terms with their gradients (fastcam/triton/attention_terms.py). What is left in PyTorch
+here is glue: views, casts and the conversion of the terms' ``[5]`` tensor to the output dict.
+Same validated arguments as the reference's functions.
 """
 
 from __future__ import annotations
 
 from fastcam import reference
+from fastcam.triton.attention_terms import attention_terms
 from fastcam.triton.cam_head import scores
 from fastcam.triton.normalize import head_maps
+from fastcam.triton.pairwise_overlap import pairwise_overlap as _pairwise_overlap
+
+TERM_NAMES = ("loss", "bce", "distinct", "consist", "coherence")
 
 
 def cam_head_flat(features, weight, bias, normalize="l2", temperature=1.0, eps=1e-6):
@@ -21,16 +27,20 @@ def cam_head(features, weight, bias=None, normalize="l2", temperature=1.0, eps=1
 
 
 def pairwise_overlap(cams, measure="cosine", eps=1e-6):
-    return reference.pairwise_overlap(cams, measure, eps)
+    return _pairwise_overlap(cams.flatten(2).to(reference.accumulation_dtype(cams.dtype)), measure, float(eps))
 
 
 def attention_loss(features, weight, bias, labels=None, label_mask=None, *, normalize="l2", measure="cosine",
                    lambda_distinct=1.0, lambda_consist=0.0, lambda_coherence=0.0, grid=None, unlabeled="predicted",
                    classification=True, temperature=1.0, eps=1e-6):  # fmt: skip
     logits, cams = cam_head_flat(features, weight, bias, normalize, temperature, eps)
-    out = reference.loss_terms(logits, cams, labels, label_mask, measure=measure, lambda_distinct=lambda_distinct,
-                               lambda_consist=lambda_consist, lambda_coherence=lambda_coherence,
-                               grid=grid, unlabeled=unlabeled,
-                               classification=classification, eps=eps)  # fmt: skip
+    weights = [1.0 if classification else 0.0, float(lambda_distinct), float(lambda_consist), float(lambda_coherence)]
+    grid_h, grid_w = grid if grid is not None else (0, 0)
+    terms = attention_terms(logits, cams, labels, label_mask, measure, float(eps), unlabeled == "predicted", grid_h,
+                            grid_w, weights)  # fmt: skip
+    values = dict(zip(TERM_NAMES, terms.unbind()))
+    for name, weight_of_term in zip(TERM_NAMES[1:], weights):
+        if not weight_of_term:
+            values[name] = None
     logits, cams = reference.head_outputs(features, logits, cams)
-    return dict(logits=logits, cams=cams, **out)
+    return dict(logits=logits, cams=cams, **values)
