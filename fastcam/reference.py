@@ -210,7 +210,8 @@ def coherence_loss(cams_flat, q, grid, eps=1e-6):
 def masked_bce(logits, labels, label_mask):
     """Binary cross-entropy with logits, averaged over the known entries only.
 
-    With no known entry it is 0, still connected to ``logits`` (with a zero gradient).
+    With no known entry it is 0, still connected to ``logits`` (with a zero gradient). An
+    unknown entry's gradient is 0 whatever its logit (NaN included), as in the compiled kernels.
     """
     if labels is None:
         labels = torch.zeros_like(logits)
@@ -218,7 +219,10 @@ def masked_bce(logits, labels, label_mask):
     elif label_mask is None:
         label_mask = torch.ones_like(logits, dtype=torch.bool)
     target = torch.where(label_mask, labels.to(logits.dtype), 0.0)
-    per_entry = Fn.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # An unknown entry's logit is not read at all, so that its gradient is 0 even where the
+    # logit is NaN or infinite (masking the BCE afterwards would give 0 * NaN = NaN there).
+    safe = torch.where(label_mask, logits, 0.0)
+    per_entry = Fn.binary_cross_entropy_with_logits(safe, target, reduction="none")
     per_entry = torch.where(label_mask, per_entry, 0.0)
     return per_entry.sum() / label_mask.sum().clamp_min(1)
 

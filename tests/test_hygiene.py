@@ -136,3 +136,30 @@ def test_mismatched_dtypes_work_like_the_reference(backend, device, dtypes):
         tol = 1e-5 if fdt == torch.float32 else 2e-2
         torch.testing.assert_close(a, r, rtol=tol, atol=tol * float(r.detach().abs().max()), msg=name)
     assert [t.dtype for t in got[2:]] == [fdt, wdt, bdt]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED, ids=[f"{b}-{d}" for b, d in COMPILED])
+@pytest.mark.parametrize("unlabeled", ["ignore", "predicted"])
+def test_a_nan_bias_of_an_unlabeled_class_like_the_reference(backend, device, unlabeled):
+    # The class's labels are unknown everywhere, its bias NaN: with unlabeled="ignore" the loss
+    # does not depend on that logit, so the loss and every gradient stay finite (the bias's 0);
+    # with "predicted" its NaN weight q poisons the pairs, the same way in every backend.
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64).to(device)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device)
+    bias = torch.zeros(3, dtype=torch.float64, device=device)
+    bias[1] = float("nan")
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 1]], dtype=torch.float64, device=device)
+    mask = torch.tensor([[True, False, True], [True, False, True]], device=device)
+
+    def run(be):
+        f, w, b = (t.clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, labels, mask, backend=be, unlabeled=unlabeled)
+        return (out.loss, *torch.autograd.grad(out.loss, (f, w, b)))
+
+    got, want = run(backend), run("torch")
+    if unlabeled == "ignore":
+        assert all(torch.isfinite(t).all() for t in want) and want[3][1] == 0
+    for name, a, r in zip(("loss", "grad features", "grad weight", "grad bias"), got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), name
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, equal_nan=True, msg=name)

@@ -214,9 +214,8 @@ def _terms_backward_kernel(x_ptr, y_ptr, m_ptr, q_ptr, gt_ptr, pd_ptr, n_d, pc_p
             offs = i0 + tl.arange(0, BLOCK)
             valid = offs < B * C
             x, y, known = _logits_and_labels(x_ptr, y_ptr, m_ptr, offs, valid, HAS_Y, HAS_M)
-            # 0 * NaN where a NaN logit's label is unknown, as the reference's BCE of every entry, masked after
-            sigmoid = tl.sigmoid(x)
-            tl.store(gl_ptr + offs, tl.where(known, scale * (sigmoid - y), 0 * sigmoid), mask=valid)
+            # 0 where the label is unknown, whatever the logit (NaN included), as the reference
+            tl.store(gl_ptr + offs, tl.where(known, scale * (tl.sigmoid(x) - y), 0.0), mask=valid)
     if DO_DISTINCT:
         g_distinct = tl.load(gt_ptr + 2) + g_total * rejoin(w1_hi, w1_lo, ACC_F64)
         tl.store(sd_ptr, g_distinct / (_sum_of(pd_ptr, n_d, 1, ACC_F64, BLOCK) + eps))
