@@ -119,6 +119,9 @@ void direct_columns(const T* f, int64_t sn, T* df, int64_t dsn, int64_t K, int64
   const int64_t len = k1 - k0;
   std::vector<A> tmp(len);
   if (fsum) std::fill(fsum + k0, fsum + k1, A(0));
+  // No weighted map: every position's dF is the same row v, converted once and copied.
+  std::vector<T> constant(df && nr == 0 ? len : 0);
+  for (int64_t k = 0; k < int64_t(constant.size()); ++k) store(&constant[k], v ? v[k0 + k] : A(0));
   for (int64_t n = 0; n < N; ++n) {
     const T* __restrict fn = f + n * sn + k0;
     if (fsum) {
@@ -133,6 +136,10 @@ void direct_columns(const T* f, int64_t sn, T* df, int64_t dsn, int64_t K, int64
       for (int64_t k = 0; k < len; ++k) out[k] += gv * load(fn[k]);
     }
     if (!df) continue;
+    if (nr == 0) {
+      std::copy(constant.begin(), constant.end(), df + n * dsn + k0);
+      continue;
+    }
     A* __restrict t = tmp.data();
     for (int64_t k = 0; k < len; ++k) t[k] = v ? v[k0 + k] : A(0);
     for (int64_t r = 0; r < nr; ++r) {
