@@ -147,7 +147,7 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
   const bool unit_n = sn == 1 || N == 1, unit_k = (sk == 1 || K == 1) && K % 2 == 0;
   // Measured on Sapphire Rapids (2 cores, AMX) against the fp32 path (converted features, MKL),
-  // one thread: NCHW 1.6-1.9x faster (resnet50@224 B=8 519 -> 277 us, densenet121@512 B=4
+  // one thread, the two paths alternated in one process (benchmarks/NOTES.md 24): NCHW 1.6-1.9x faster (resnet50@224 B=8 519 -> 277 us, densenet121@512 B=4
   // 669 -> 341, 174 classes B=2 1627 -> 981). Channels-last: 1.1-2x faster from 128 positions,
   // up to 2.6x slower with few (7x7: ResNet-50 at 224), which stay on the fp32 path.
   if (!(unit_n || (unit_k && N >= 128))) return done;
@@ -159,8 +159,6 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   const std::unique_ptr<uint16_t[]> parts = split_weight(w.const_data_ptr<float>(), C, K, lda);
   const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<c10::BFloat16>());
   float* s = scores.mutable_data_ptr<float>();
-  // Sums the parts' products out[p * C + c] (row stride `ld`, column stride `step`) of `count`
-  // positions into scores[b, c, n0 + i]; whether every sum is finite.
   // done[b]: every one of image b's `blocks` tasks finished with finite scores.
   auto images_done = [&](const std::vector<char>& ok, int64_t blocks) {
     for (int64_t b = 0; b < B; ++b) {
@@ -168,6 +166,8 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
       for (int64_t j = 0; j < blocks; ++j) done[b] = done[b] && ok[b * blocks + j];
     }
   };
+  // Sums the parts' products out[p * C + c] (row stride `ld`, column stride `step`) of `count`
+  // positions into scores[b, c, n0 + i]; whether every sum is finite.
   auto combine = [&](const float* out, int64_t ld, int64_t step, int64_t b, int64_t n0, int64_t count) {
     return combine_parts(out, C, ld, step, count, s + b * C * N + n0, N);
   };

@@ -82,16 +82,24 @@ def copy_bandwidth(device: str, reps: int) -> float:
     return 2 * n / (ms / 1e3)
 
 
+def peak_bytes(fn, device: str) -> int | None:
+    """Peak memory allocated while fn() runs, everything held counted (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 def extra_peak_bytes(fn, device: str) -> int | None:
     """Peak memory a step allocates beyond what was allocated before it (CUDA only)."""
     if device != "cuda":
         return None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return peak_bytes(fn, device) - base
 
 
 def steps(shape: Shape, device: str, backends: list[str], skip: list[str]) -> dict:
@@ -177,17 +185,6 @@ def _e2e_configs(values: list[str] | None, device: str) -> list[tuple[int, int]]
                              "least 32 (ResNet-50 divides it by 32)")  # fmt: skip
         configs.append((batch, side))
     return configs
-
-
-def peak_bytes(fn, device: str) -> int | None:
-    """Peak memory allocated while fn() runs, everything held counted (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
 
 
 def run_e2e(configs, device: str, backends: list[str], skip: list[str], reps: int) -> list[dict]:
