@@ -1,27 +1,48 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (run it whenever a GPU is at hand, e.g. through the device tool):
-#   1. builds fastcam._C here with its CUDA kernels (a binary built elsewhere will not load);
-#   2. runs the whole test suite on every usable backend, CUDA tensors included;
-#   3. runs compute-sanitizer memcheck on a small fwd+bwd of every CUDA op;
-#   4. prints the benchmark tables (backends side by side; pytest-benchmark; `fastcam bench`, the
-#      SPEC section 5 table; `fastcam bench --e2e`, whole ResNet-50 steps; the torch.compile
-#      baselines last; the last two time-limited).
-# It is sized for a few minutes on one H100/H200 (build for the card's arch only).
-# Everything it prints also lands in $OUT (default gpu-check/), for BENCHMARKS.md.
-# Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON.
+#   build     builds fastcam._C here with its CUDA kernels (a binary built elsewhere will not load);
+#   compile-warm  compiles the torch.compile baselines in the background (while the tests run), so
+#             that the compile stage finds them in torch's caches;
+#   tests     runs the test suite on CUDA tensors for every GPU backend (torch, cuda, triton; the
+#             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
+#   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
+#   compare   benchmarks/compare_backends.py --spec: the backends side by side at the SPEC batches;
+#   profile   benchmarks/profile_step.py: the kernels of one step per backend and shape (torch.profiler);
+#   bench     `fastcam bench` without the torch.compile baselines (SPEC section 5 table, eager part);
+#   e2e       `fastcam bench --e2e`: whole ResNet-50 training steps;
+#   compile   `fastcam bench` with the torch.compile baselines (tens of seconds per shape and mode);
+#   pytest-bench  the pytest-benchmark suite (benchmarks/), short.
+# GPU_CHECK_STAGES picks and orders them (default: all, in the order above); each stage is
+# time-limited (GPU_CHECK_<STAGE>_S seconds), so a check sized for a lease ends with its logs.
+# Without the build stage, a fastcam/_C*.so already in place (e.g. from an earlier run's $OUT) is used.
+# Everything lands in $OUT (default gpu-check/): check.log (all of it), build.log, tests.log,
+# memcheck.log, bench*.json; BENCHMARKS.md records the results.
+# Environment: TORCH_CUDA_ARCH_LIST (default: the arch of GPU 0), MAX_JOBS, PYTHON,
+# GPU_CHECK_TESTS_K (pytest -k of the tests stage, default "cuda or test_triton":
+# the ids of CUDA cases, and tests/test_triton.py, which runs on CUDA where there is a GPU), GPU_CHECK_WORKERS (xdist),
+# GPU_CHECK_SHAPES (shapes of the bench and compile stages, default the six of SPEC section 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/check.log") 2>&1
+STAGES=${GPU_CHECK_STAGES:-build compile-warm tests memcheck compare profile bench e2e compile pytest-bench}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+limit() {  # limit STAGE DEFAULT_S: the stage's time limit
+  local var="GPU_CHECK_$(echo "$1" | tr 'a-z-' 'A-Z_')_S"
+  echo "${!var:-$2}"
+}
+# The scripts under scripts/ and benchmarks/ import fastcam from this checkout.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step "versions"
-$PYTHON - <<'PY' | tee "$OUT/versions.txt"
+$PYTHON - <<'PY'
 import platform, subprocess, torch
 print("date", subprocess.run(["date", "-u", "+%Y-%m-%d"], capture_output=True, text=True).stdout.strip())
-print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+      "| sm %d.%d" % torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "")
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 try:
     import triton
@@ -29,60 +50,103 @@ try:
 except ImportError:
     print("triton none")
 print(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
 PY
+echo "stages: $STAGES"
 
-step "build fastcam._C with CUDA kernels"
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$($PYTHON -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
-  export TORCH_CUDA_ARCH_LIST
-fi
-export FASTCAM_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-start=$(date +%s)
-required=torch,cpu,cuda,triton
-if $PYTHON setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  echo "built in $(( $(date +%s) - start )) s for sm ${TORCH_CUDA_ARCH_LIST}"
-else
-  # Keep going: the torch and triton backends can still be tested on the GPU.
-  grep -E "error" "$OUT/build.log" | head -30; echo "BUILD FAILED (see $OUT/build.log)"; status=1
-  required=torch,triton
-  export FASTCAM_JIT=0
-fi
-$PYTHON -m fastcam.cli info | tee "$OUT/info.txt"
-
-step "tests on every usable backend (CUDA included)"
-# The device image has no torchvision, matplotlib, scikit-learn or tqdm (no network to add them):
-# the tests that need them (models, README example, demo, AUC) run in CI.
-ignore=()
-$PYTHON -c "import torchvision" 2>/dev/null || ignore+=(--ignore=tests/test_models.py --ignore=tests/test_readme.py)
-$PYTHON -c "import matplotlib, sklearn, tqdm" 2>/dev/null || ignore+=(--ignore=tests/test_demo.py)
-$PYTHON -c "import sklearn" 2>/dev/null || ignore+=(--ignore=tests/test_metrics.py)
-FASTCAM_REQUIRE_BACKENDS=$required $PYTHON -m pytest -q -p no:cacheprovider tests "${ignore[@]}" \
-  --deselect tests/test_build.py::test_jit_build_on_first_use > "$OUT/tests.log" 2>&1 || status=1
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
-tail -3 "$OUT/tests.log"
-
-step "compute-sanitizer memcheck"
-if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PYTHON scripts/memcheck_case.py > "$OUT/memcheck.log" 2>&1 \
-    || status=1
-  tail -5 "$OUT/memcheck.log"
-else
-  echo "compute-sanitizer not found"; status=1
-fi
-
-step "benchmarks"
-$PYTHON benchmarks/compare_backends.py --spec --reps 20 2>&1 | tee "$OUT/compare_backends.txt"
-$PYTHON -m pytest -q -p no:cacheprovider benchmarks --benchmark-max-time=0.25 --benchmark-columns=min,median,iqr \
-  --benchmark-json "$OUT/benchmarks.json" 2>&1 | tee "$OUT/benchmarks.txt" | grep -vE "^(\.|$)" | tail -80
-
-step "fastcam bench: the SPEC section 5 table (eager, Grad-CAM, backends; then with torch.compile)"
-$PYTHON -m fastcam.cli bench --skip compile reduce-overhead --json "$OUT/bench_eager.json" 2>&1 \
-  | tee "$OUT/bench_eager.txt"
-step "fastcam bench --e2e: whole ResNet-50 training steps (SPEC section 5 item 6)"
-timeout "${FASTCAM_BENCH_E2E_S:-180}" $PYTHON -m fastcam.cli bench --e2e --json "$OUT/bench_e2e.json" 2>&1 \
-  | tee "$OUT/bench_e2e.txt" || echo "fastcam bench --e2e did not finish"
-# Compiling the reference takes tens of seconds per shape and mode: last, and time-limited.
-timeout "${FASTCAM_BENCH_COMPILE_S:-240}" $PYTHON -m fastcam.cli bench --json "$OUT/bench.json" 2>&1 \
-  | tee "$OUT/bench.txt" | grep -vE "^[WI][0-9]{4} " || echo "fastcam bench with torch.compile did not finish"
-
+required=torch,triton
+for stage in $STAGES; do
+  case $stage in
+  build)
+    step "build fastcam._C with CUDA kernels"
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      TORCH_CUDA_ARCH_LIST=$($PYTHON -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+      export TORCH_CUDA_ARCH_LIST
+    fi
+    export FASTCAM_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    start=$(date +%s)
+    if timeout "$(limit build 300)" $PYTHON setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+      echo "built in $(( $(date +%s) - start )) s for sm ${TORCH_CUDA_ARCH_LIST}"
+      required=torch,cpu,cuda,triton
+    else
+      # Keep going: the torch and triton backends can still be tested on the GPU.
+      grep -E "error|Error" "$OUT/build.log" | head -30; echo "BUILD FAILED (see $OUT/build.log)"; status=1
+      export FASTCAM_JIT=0
+    fi
+    $PYTHON -m fastcam.cli info
+    ;;
+  compile-warm)
+    step "compile the torch.compile baselines in the background (scripts/warm_compile_cache.py)"
+    timeout "$(limit compile-warm 400)" $PYTHON scripts/warm_compile_cache.py ${GPU_CHECK_SHAPES:-} \
+      > "$OUT/compile_warm.log" 2>&1 &
+    warm_pid=$!
+    ;;
+  tests)
+    step "tests on CUDA tensors, every GPU backend (-k ${GPU_CHECK_TESTS_K:-cuda or test_triton})"
+    args=(-q -p no:cacheprovider -rfE --tb=short -k "${GPU_CHECK_TESTS_K:-cuda or test_triton}")
+    $PYTHON -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 300)
+    if $PYTHON -c "import xdist" 2>/dev/null; then
+      args+=(-n "${GPU_CHECK_WORKERS:-$(( $(nproc) < 12 ? $(nproc) : 12 ))}")
+    fi
+    # A fastcam._C that did not build must not pass as "not usable here".
+    ls fastcam/_C*.so > /dev/null 2>&1 && required=torch,cpu,cuda,triton
+    start=$(date +%s)
+    FASTCAM_REQUIRE_BACKENDS=$required timeout "$(limit tests 420)" $PYTHON -m pytest "${args[@]}" tests \
+      --deselect tests/test_build.py::test_jit_build_on_first_use > "$OUT/tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
+    tail -2 "$OUT/tests.log"
+    echo "tests took $(( $(date +%s) - start )) s"
+    ;;
+  memcheck)
+    step "compute-sanitizer memcheck"
+    if command -v compute-sanitizer > /dev/null; then
+      timeout "$(limit memcheck 180)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PYTHON scripts/memcheck_case.py > "$OUT/memcheck.log" 2>&1 || status=1
+      grep -E "ERROR SUMMARY|Invalid|memcheck" "$OUT/memcheck.log" | head -20
+    else
+      echo "compute-sanitizer not found"; status=1
+    fi
+    ;;
+  compare)
+    step "benchmarks/compare_backends.py --spec"
+    timeout "$(limit compare 150)" $PYTHON benchmarks/compare_backends.py --spec --reps 20 || status=1
+    ;;
+  bench)
+    step "fastcam bench: the SPEC section 5 table, eager reference, Grad-CAM and the backends"
+    timeout "$(limit bench 240)" $PYTHON -m fastcam.cli bench --skip compile reduce-overhead \
+      ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} --json "$OUT/bench_eager.json" || status=1
+    ;;
+  e2e)
+    step "fastcam bench --e2e: whole ResNet-50 training steps (SPEC section 5 item 6)"
+    timeout "$(limit e2e 180)" $PYTHON -m fastcam.cli bench --e2e --json "$OUT/bench_e2e.json" \
+      || echo "fastcam bench --e2e did not finish"
+    ;;
+  compile)
+    if [ -n "${warm_pid:-}" ]; then
+      step "waiting for the background compiles"; wait "$warm_pid"; grep -v "^[WI][0-9]" "$OUT/compile_warm.log" | tail -8
+    fi
+    step "fastcam bench with the torch.compile baselines"
+    timeout "$(limit compile 300)" $PYTHON -m fastcam.cli bench ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} \
+      --json "$OUT/bench.json" 2>&1 | grep -vE "^[WI][0-9]{4} " || echo "fastcam bench with torch.compile did not finish"
+    ;;
+  profile)
+    step "benchmarks/profile_step.py: the kernels of a step per backend and shape"
+    timeout "$(limit profile 120)" $PYTHON benchmarks/profile_step.py ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} \
+      > "$OUT/profile.log" 2>&1 || status=1
+    grep -A5 "^###" "$OUT/profile.log" | grep -E "^###|^ +[A-Za-z_]" | cut -c1-130 | head -60
+    ;;
+  pytest-bench)
+    step "pytest-benchmark suite"
+    timeout "$(limit pytest-bench 240)" $PYTHON -m pytest -q -p no:cacheprovider benchmarks \
+      --benchmark-max-time=0.25 --benchmark-columns=min,median,iqr --benchmark-json "$OUT/benchmarks.json" \
+      > "$OUT/benchmarks.txt" 2>&1 || status=1
+    grep -vE "^(\.|$)" "$OUT/benchmarks.txt" | tail -80
+    ;;
+  *)
+    echo "unknown stage $stage (GPU_CHECK_STAGES)"; status=1
+    ;;
+  esac
+done
+step "done, status $status"
 exit $status

@@ -365,6 +365,9 @@ def test_ignore_partial_labels(backend, device, layout, measure):
 def test_labels_none_equals_nothing_known(backend, device, layout, unlabeled, classification):
     f, w, b, grid = loss_inputs(layout, device, seed=12)
     options = dict(**ALL_LAMBDAS, grid=grid, unlabeled=unlabeled, classification=classification, backend=backend)
+    # Bit for bit on the CPU. A GPU kernel compiled for "no labels" and one for "labels, all
+    # masked" may fuse different multiply-adds (seen with Triton on an H200: 2e-15 relative).
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-13, atol=1e-16)
     none = fastcam.attention_loss(f, w, b, None, None, **options)
     labels = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     masked = fastcam.attention_loss(f, w, b, labels, torch.zeros(3, 4, dtype=torch.bool, device=device), **options)
@@ -373,9 +376,9 @@ def test_labels_none_equals_nothing_known(backend, device, layout, unlabeled, cl
         if e is None:
             assert a is None and name == "bce" and not classification
             continue
-        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a, e, **exact, msg=lambda m, name=name: f"{name}: {m}")
     if classification:
         assert scalar(none.bce) == 0.0
     for a, e in zip(grads(none.loss, [f, w, b]), grads(masked.loss, [f, w, b]), strict=True):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, **exact)
     check_loss_against_hand(none, f, w, b, None, None, grid=grid, unlabeled=unlabeled, classification=classification)

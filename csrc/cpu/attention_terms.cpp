@@ -33,18 +33,19 @@ void class_weights(const Inputs& in, bool predicted, std::vector<T>& q, std::vec
   }
 }
 
-// Sum over off-diagonal pairs of the weights v[g, p] v[g, q] within each group.
+// Sum over off-diagonal pairs of the weights v[g, p] v[g, q] within each group, as
+// sum_p v_p (sum - v_p): (sum v)^2 - sum v^2 would cancel, and with one nonzero weight leave a
+// rounding residual (which a fused multiply-add keeps) instead of 0.
 template <typename T>
 T pair_weight_total(const std::vector<T>& v, int64_t G, int64_t P, int64_t sG, int64_t sP) {
   T total = 0;
   for (int64_t g = 0; g < G; ++g) {
-    T sum = 0, sq = 0;
+    T sum = 0;
+    for (int64_t p = 0; p < P; ++p) sum += v[g * sG + p * sP];
     for (int64_t p = 0; p < P; ++p) {
       const T x = v[g * sG + p * sP];
-      sum += x;
-      sq += x * x;
+      total += x * (sum - x);
     }
-    total += sum * sum - sq;
   }
   return total;
 }

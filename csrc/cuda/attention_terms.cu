@@ -90,18 +90,19 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) res[1] = total / T(count > 0 ? count : 1);
 }
 
-// Sum over the groups of the off-diagonal pair weights q[g, p] q[g, r] (every thread gets it).
+// Sum over the groups of the off-diagonal pair weights q[g, p] q[g, r] (every thread gets it),
+// as sum_p q_p (sum - q_p): (sum q)^2 - sum q^2 cancels, and nvcc's fused multiply-add kept its
+// rounding residual where a single weight is nonzero (seen on an H200: a term of 2e-12 for 0).
 template <typename T>
 __device__ T pair_weight_total(const T* q, const Grouping& gr) {
   T part = 0;
   for (int64_t g = threadIdx.x; g < gr.G; g += kReduceThreads) {
-    T sum = 0, sq = 0;
+    T sum = 0;
+    for (int64_t p = 0; p < gr.P; ++p) sum += q[g * gr.q_sG + p * gr.q_sP];
     for (int64_t p = 0; p < gr.P; ++p) {
       const T x = q[g * gr.q_sG + p * gr.q_sP];
-      sum += x;
-      sq += x * x;
+      part += x * (sum - x);
     }
-    part += sum * sum - sq;
   }
   return block_sum<kReduceThreads>(part);
 }

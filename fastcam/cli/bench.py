@@ -114,6 +114,10 @@ def steps(shape: Shape, device: str, backends: list[str], skip: list[str]) -> di
 
     out = {"eager": lambda: grads(reference_loss(f, w, b))}
     modes = [m for m in ("compile", "reduce-overhead") if m not in skip]
+    if modes:
+        # Every shape compiles the same function again: past dynamo's recompile limit (8) the
+        # later shapes would silently run eager (seen on an H200: vit and B128 "compiled" at eager speed).
+        torch._dynamo.reset()
     for mode in modes:
         if mode == "reduce-overhead" and device != "cuda":
             continue  # CUDA graphs
@@ -155,20 +159,23 @@ def _fmt(value, spec=".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    head = (f"{'shape':22s} {'B':>4s} {'floor':>7s} " + " ".join(f"{c:>9s}" for c in columns)
-            + f" {'best':>7s} {'x eager':>8s} {'x compile':>9s} {'x gradcam':>9s} {'% floor':>8s} {'extra MB':>9s}")
+def print_header(columns: list[str]) -> None:
     print("milliseconds per step (forward + gradients of F, W, b), median")
-    print(head)
-    for r in rows:
-        cells = " ".join(f"{_fmt(r['ms'].get(c)):>9s}" for c in columns)
-        extra = r["extra_peak_bytes"].get(r.get("best_backend"))
-        print(f"{r['shape']:22s} {r['B']:4d} {r['floor_ms']:7.3f} {cells} {r.get('best_backend', '-'):>7s} "
-              f"{_fmt(r.get('speedup_vs_eager'), '.2f'):>8s} {_fmt(r.get('speedup_vs_best_compile'), '.2f'):>9s} "
-              f"{_fmt(r.get('speedup_vs_gradcam'), '.1f'):>9s} {_fmt(r.get('percent_of_floor'), '.1f'):>8s} "
-              f"{_fmt(None if extra is None else extra / 2**20, '.1f'):>9s}")  # fmt: skip
-        for name, error in r["errors"].items():
-            print(f"    {name} failed: {error}")
+    print(f"{'shape':22s} {'B':>4s} {'floor':>7s} " + " ".join(f"{c:>9s}" for c in columns)
+          + f" {'best':>7s} {'x eager':>8s} {'x compile':>9s} {'x gradcam':>9s} {'% floor':>8s} {'extra MB':>9s}",
+          flush=True)  # fmt: skip
+
+
+def print_row(r: dict, columns: list[str]) -> None:
+    """One shape's line (printed as soon as it is measured: a time-limited run keeps what it did)."""
+    cells = " ".join(f"{_fmt(r['ms'].get(c)):>9s}" for c in columns)
+    extra = r["extra_peak_bytes"].get(r.get("best_backend"))
+    print(f"{r['shape']:22s} {r['B']:4d} {r['floor_ms']:7.3f} {cells} {r.get('best_backend', '-'):>7s} "
+          f"{_fmt(r.get('speedup_vs_eager'), '.2f'):>8s} {_fmt(r.get('speedup_vs_best_compile'), '.2f'):>9s} "
+          f"{_fmt(r.get('speedup_vs_gradcam'), '.1f'):>9s} {_fmt(r.get('percent_of_floor'), '.1f'):>8s} "
+          f"{_fmt(None if extra is None else extra / 2**20, '.1f'):>9s}", flush=True)  # fmt: skip
+    for name, error in r["errors"].items():
+        print(f"    {name} failed: {error}", flush=True)
 
 
 def _e2e_configs(values: list[str] | None, device: str) -> list[tuple[int, int]]:
@@ -203,6 +210,8 @@ def run_e2e(configs, device: str, backends: list[str], skip: list[str], reps: in
         plain = row["ms"].get("plain")
         row["overhead_percent"] = {n: 100 * (ms / plain - 1) for n, ms in row["ms"].items() if plain and n != "plain"}
         rows.append(row)
+        # As soon as measured (a time-limited run keeps what it did); the table follows at the end.
+        print(f"{batch} x {side}: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in row["ms"].items()), flush=True)
         del steps
     return rows
 
@@ -263,13 +272,15 @@ def run(args) -> int:
         bandwidth = copy_bandwidth(device, args.reps)
         print(f"device {device} ({name}) | torch {torch.__version__} | fastcam {fastcam.__version__} | "
               f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) | bf16 features")
+        columns = [c for c in BASELINES if c not in args.skip and not (c == "reduce-overhead" and device != "cuda")]
+        columns += backends
+        print_header(columns)
         rows = []
         for shape in shapes:
             for batch in batches:
                 rows.append(run_shape(shape if batch is None else shape.scaled(batch), device, backends, args.skip,
                                       args.reps, bandwidth))  # fmt: skip
-        columns = [c for c in (*BASELINES, *backends) if any(c in r["ms"] or c in r["errors"] for r in rows)]
-        print_table(rows, columns)
+                print_row(rows[-1], columns)
         record.update(copy_bandwidth_bytes_per_s=bandwidth, rows=rows)
     if args.json:
         try:

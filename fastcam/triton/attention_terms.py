@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastcam.triton.normalize import _no_double_backward
-from fastcam.triton.pairwise_overlap import launch_coefficients, launch_grad, launch_overlap, rejoin, split_float, tiles
+from fastcam.triton.common import no_double_backward, rejoin, split_float
+from fastcam.triton.pairwise_overlap import launch_coefficients, launch_grad, launch_overlap, tiles
 
 BLOCK = 1024  # entries or pairs per step of the one-program reductions
 BLOCK_Q = 256  # entries per program of _class_weights_kernel
@@ -249,7 +249,7 @@ def _prepare(logits, cams, labels, label_mask, weights):
     x = logits.to(c.dtype).contiguous()
     y = labels.to(c.dtype).contiguous() if labels is not None else c.new_empty(0)
     has_mask = labels is not None and label_mask is not None
-    m = label_mask.contiguous().view(torch.uint8) if has_mask else c.new_empty(0, dtype=torch.uint8)
+    m = label_mask.to(torch.uint8).contiguous() if has_mask else c.new_empty(0, dtype=torch.uint8)
     flags = dict(HAS_Y=labels is not None, HAS_M=has_mask, DO_BCE=weights[0] != 0, DO_DISTINCT=weights[1] != 0,
                  DO_CONSIST=weights[2] != 0, DO_COHERENCE=weights[3] != 0,
                  ACC_F64=c.dtype == torch.float64)  # fmt: skip
@@ -347,4 +347,4 @@ def _backward(ctx, grad_terms):
 
 
 attention_terms.register_autograd(_backward, setup_context=_setup_context)
-attention_terms_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+attention_terms_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -8,6 +8,8 @@ Same validated arguments as the reference's functions.
 
 from __future__ import annotations
 
+import torch
+
 from fastcam import reference
 from fastcam.triton.attention_terms import attention_terms
 from fastcam.triton.cam_head import scores
@@ -43,4 +45,9 @@ def attention_loss(features, weight, bias, labels=None, label_mask=None, *, norm
         if not weight_of_term:
             values[name] = None
     logits, cams = reference.head_outputs(features, logits, cams)
+    if features.dim() == 4 and torch.compiler.is_compiling():
+        # Returned as a view of the head_maps output, the [B, C, H, W] maps got a [B, C, N]
+        # gradient in the compiled backward (AOTAutograd, torch 2.11 on an H200: "wrong number of
+        # dimensions"); a copy of these small maps is no alias.
+        cams = cams.clone()
     return dict(logits=logits, cams=cams, **values)

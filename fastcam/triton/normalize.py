@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastcam.triton.common import no_double_backward, rejoin, split_float
+
 MODES = {"none": 0, "max": 1, "sum": 2, "l2": 3, "softmax": 4}
 
 
@@ -30,8 +32,12 @@ def _nan_max(x, valid):
 
 
 @triton.jit
-def _head_maps_kernel(s_ptr, bias_ptr, cams_ptr, logits_ptr, C, N, temperature, eps, HAS_BIAS: tl.constexpr,
-                      MODE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _head_maps_kernel(s_ptr, bias_ptr, cams_ptr, logits_ptr, C, N, temp_hi, temp_lo, eps_hi, eps_lo,
+                      HAS_BIAS: tl.constexpr, MODE: tl.constexpr, ACC_F64: tl.constexpr,
+                      BLOCK_N: tl.constexpr):  # fmt: skip
+    """temperature and eps come as split_float's halves (a kernel's float argument is a float32)."""
+    temperature = rejoin(temp_hi, temp_lo, ACC_F64)
+    eps = rejoin(eps_hi, eps_lo, ACC_F64)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
@@ -60,8 +66,11 @@ def _head_maps_kernel(s_ptr, bias_ptr, cams_ptr, logits_ptr, C, N, temperature, 
 
 
 @triton.jit
-def _head_maps_backward_kernel(gl_ptr, gc_ptr, s_ptr, cams_ptr, gs_ptr, N, temperature, eps, HAS_GL: tl.constexpr,
-                               HAS_GC: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _head_maps_backward_kernel(gl_ptr, gc_ptr, s_ptr, cams_ptr, gs_ptr, N, temp_hi, temp_lo, eps_hi, eps_lo,
+                               HAS_GL: tl.constexpr, HAS_GC: tl.constexpr, MODE: tl.constexpr,
+                               ACC_F64: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    temperature = rejoin(temp_hi, temp_lo, ACC_F64)
+    eps = rejoin(eps_hi, eps_lo, ACC_F64)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
@@ -109,8 +118,9 @@ def head_maps(scores: torch.Tensor, bias: torch.Tensor | None, normalize: str, t
     cams = torch.empty_like(s)
     b = bias.to(s.dtype).contiguous() if bias is not None else s.new_empty(0)
     if B * C > 0:
-        wrap_triton(_head_maps_kernel)[(B * C,)](s, b, cams, logits, C, N, temperature, eps,
-                                                 HAS_BIAS=bias is not None, MODE=MODES[normalize],
+        wrap_triton(_head_maps_kernel)[(B * C,)](s, b, cams, logits, C, N, *split_float(temperature),
+                                                 *split_float(eps), HAS_BIAS=bias is not None,
+                                                 MODE=MODES[normalize], ACC_F64=s.dtype == torch.float64,
                                                  BLOCK_N=_block(N))  # fmt: skip
     return logits, cams
 
@@ -125,10 +135,12 @@ def head_maps_backward(grad_logits: torch.Tensor | None, grad_cams: torch.Tensor
     gl = grad_logits.to(s.dtype).contiguous() if grad_logits is not None else s.new_empty(0)
     gc = grad_cams.to(s.dtype).contiguous() if grad_cams is not None else s.new_empty(0)
     if B * C > 0:
-        wrap_triton(_head_maps_backward_kernel)[(B * C,)](gl, gc, s, cams.contiguous(), gs, N, temperature, eps,
+        wrap_triton(_head_maps_backward_kernel)[(B * C,)](gl, gc, s, cams.contiguous(), gs, N,
+                                                          *split_float(temperature), *split_float(eps),
                                                           HAS_GL=grad_logits is not None,
-                                                          HAS_GC=grad_cams is not None,
-                                                          MODE=MODES[normalize], BLOCK_N=_block(N))  # fmt: skip
+                                                          HAS_GC=grad_cams is not None, MODE=MODES[normalize],
+                                                          ACC_F64=s.dtype == torch.float64,
+                                                          BLOCK_N=_block(N))  # fmt: skip
     return gs
 
 
@@ -154,8 +166,4 @@ def _backward(ctx, grad_logits, grad_cams):
 head_maps.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fastcam: double backward (a gradient of a gradient) is not supported")
-
-
-head_maps_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+head_maps_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)

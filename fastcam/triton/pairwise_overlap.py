@@ -33,45 +33,17 @@ Run on the CPU with ``TRITON_INTERPRET=1`` (set before this module is imported).
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastcam.triton.normalize import _no_double_backward
+from fastcam.triton.common import no_double_backward, rejoin, split_float
 
 MEASURES = {"cosine": 0, "dot": 1, "soft_iou": 2, "dice": 3, "intersection": 4}
 BLOCK_P = 16  # tl.dot needs every block dimension >= 16
 BLOCK_N_GEMM = 64  # positions per step of the dot and cosine tiles
 BLOCK_N_MINMAX = 16  # positions per step of the [BLOCK_P, BLOCK_P, BLOCK_N] min/max tiles
-
-
-def split_float(value: float) -> tuple[float, float]:
-    """``value`` as ``(hi, lo)``, two float32 numbers whose sum is ``value`` to about 2^-48 relative.
-
-    Triton passes a Python float to a compiled kernel as a float32 (the interpreter keeps it
-    float64), which is not exact enough for float64 maps; the kernels take eps and the loss
-    weights in two halves and rejoin them with ``rejoin``.
-    """
-    if not abs(value) < 3.0e38:  # beyond float32: left whole
-        return value, 0.0
-    hi = _float32(value)
-    return hi, _float32(value - hi)
-
-
-def _float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-@triton.jit
-def rejoin(hi, lo, ACC_F64: tl.constexpr):
-    """The float passed as split_float's two halves, in the accumulation dtype."""
-    value = hi
-    if ACC_F64:
-        value = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    return value
 
 
 @triton.jit
@@ -102,6 +74,8 @@ def _pair_sums(base, offs_p, offs_q, P, N, s_p, MEASURE: tl.constexpr, ACC_F64: 
     s2 = tl.zeros((BLOCK_P, BLOCK_P), dtype=acc_ty)
     stat_p = tl.zeros((BLOCK_P,), dtype=acc_ty)
     stat_q = tl.zeros((BLOCK_P,), dtype=acc_ty)
+    sum_p = tl.zeros((BLOCK_P, BLOCK_N), dtype=acc_ty)
+    sum_q = tl.zeros((BLOCK_P, BLOCK_N), dtype=acc_ty)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         a = _load_maps(base, offs_p, offs_n, P, N, s_p)
@@ -117,9 +91,12 @@ def _pair_sums(base, offs_p, offs_q, P, N, s_p, MEASURE: tl.constexpr, ACC_F64: 
             s1 += tl.sum(_nan_min(x, y), axis=2)
             if MEASURE == 2:
                 s2 += tl.sum(_nan_max(x, y), axis=2)
-            if MEASURE == 3:
-                stat_p += tl.sum(a, axis=1)
-                stat_q += tl.sum(b, axis=1)
+            if MEASURE == 3:  # the maps' sums, reduced over the positions after the loop
+                sum_p += a
+                sum_q += b
+    if MEASURE == 3:
+        stat_p = tl.sum(sum_p, axis=1)
+        stat_q = tl.sum(sum_q, axis=1)
     return s1, s2, stat_p, stat_q
 
 
@@ -366,4 +343,4 @@ def _backward(ctx, grad):
 pairwise_overlap.register_autograd(_backward, setup_context=_setup_context)
 
 
-pairwise_overlap_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+pairwise_overlap_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
