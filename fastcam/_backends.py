@@ -14,10 +14,28 @@ from fastcam._ext import has_kernel, load_extension
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 
-# Preference of backend="auto" per device type: fastest first, the reference last. The CUDA
-# and Triton kernels have not yet run on a GPU (scripts/gpu_check.sh has not passed there), so
-# auto keeps CUDA tensors on the reference until they have; ask for them by name meanwhile.
-_AUTO_ORDER = {"cuda": ("torch",), "cpu": ("cpu", "torch")}
+# Preference of backend="auto" per device type and shape class, fastest first, from the
+# benchmarks (BENCHMARKS.md, H200, 2026-11-26; benchmarks/NOTES.md for the CPU). On a GPU the
+# cuda backend was the fastest at the five 14-class shapes (1.1-2.8x the eager reference);
+# with many classes (174) the eager reference was (1.9 ms against 3.9-4.1), so it is chosen
+# there until the kernels catch up. On the CPU the cpu backend wins at every shape.
+MANY_CLASSES = 64  # a head with more classes (or maps per group) is of the "many" class
+_AUTO_ORDER = {
+    ("cuda", "few"): ("cuda", "triton", "torch"),
+    ("cuda", "many"): ("torch",),
+    ("cpu", "few"): ("cpu", "torch"),
+    ("cpu", "many"): ("cpu", "torch"),
+}
+
+
+def shape_class(classes: int) -> str:
+    """``"many"`` for more than MANY_CLASSES classes, else ``"few"`` (backend="auto"'s shape class)."""
+    return "many" if classes > MANY_CLASSES else "few"
+
+
+def auto_order(device_type: str, classes_class: str = "few") -> tuple[str, ...]:
+    """The backends backend="auto" tries, in order, for tensors of ``device_type``."""
+    return _AUTO_ORDER.get((device_type, classes_class), ("torch",))
 
 
 class BackendUnavailableError(RuntimeError):
@@ -93,18 +111,19 @@ def backends() -> dict[str, BackendInfo]:
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the choice in, as eager makes it
-def resolve_backend(name, device: torch.device) -> str:
+def resolve_backend(name, device: torch.device, classes_class: str = "few") -> str:
     """The concrete backend that runs a call on tensors of ``device``.
 
-    ``"auto"`` picks the fastest usable backend for the device type, the reference
-    (``"torch"``) when nothing compiled is usable. A named backend that cannot run here
-    raises :class:`BackendUnavailableError`; a name that does not exist, ``ValueError``.
+    ``"auto"`` picks the fastest usable backend for the device type and the shape class
+    (``shape_class(number of classes)``), the reference (``"torch"``) when nothing compiled is
+    usable. A named backend that cannot run here raises :class:`BackendUnavailableError`; a
+    name that does not exist, ``ValueError``.
     """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
     infos = _probe()
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        for candidate in auto_order(device.type, classes_class):
             if infos[candidate].usable:
                 return candidate
         return "torch"

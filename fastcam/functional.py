@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from fastcam import reference
-from fastcam._backends import resolve_backend
+from fastcam._backends import resolve_backend, shape_class
 from fastcam.reference import MEASURES, NORMALIZE_MODES, UNLABELED_MODES
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -282,7 +282,7 @@ def cam_head(
     temperature = _check_number("temperature", temperature, positive=True)
     eps = _check_number("eps", eps, positive=True)
     device = _check_same_device(features=features, weight=weight, bias=bias)
-    impl = _implementation(resolve_backend(backend, device))
+    impl = _implementation(resolve_backend(backend, device, shape_class(weight.shape[0])))
     with _without_autocast(device):
         return impl.cam_head(features, weight, bias, normalize, temperature, eps)
 
@@ -303,7 +303,7 @@ def pairwise_overlap(
         raise ValueError(f"cams have no positions (N=0): cams {_shape(cams)}")
     _check_choice("measure", measure, MEASURES)
     eps = _check_number("eps", eps, positive=True)
-    impl = _implementation(resolve_backend(backend, cams.device))
+    impl = _implementation(resolve_backend(backend, cams.device, shape_class(cams.shape[1])))
     with _without_autocast(cams.device):
         return impl.pairwise_overlap(cams, measure, eps)
 
@@ -350,7 +350,7 @@ def attention_loss(
     """
     batch, classes = _check_head(features, weight, bias)
     device = _check_same_device(features=features, weight=weight, bias=bias)
-    resolved = resolve_backend(backend, device)
+    resolved = resolve_backend(backend, device, shape_class(classes))
     _check_labels(labels, label_mask, batch, classes, device, values=resolved != "cpu")
     _check_choice("normalize", normalize, NORMALIZE_MODES)
     _check_choice("measure", measure, MEASURES)

@@ -5,6 +5,8 @@
 #             that the compile stage finds them in torch's caches;
 #   tests     runs the test suite on CUDA tensors for every GPU backend (torch, cuda, triton; the
 #             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
+#   simt      the cuda backend with FASTCAM_CUDA_MMA=0 (SIMT GEMMs for bf16 features instead of the
+#             tensor cores): its tests and memcheck, and its bench beside the default's;
 #   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
 #   compare   benchmarks/compare_backends.py --spec: the backends side by side at the SPEC batches;
 #   profile   benchmarks/profile_step.py: the kernels of one step per backend and shape (torch.profiler);
@@ -27,7 +29,7 @@ PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
-STAGES=${GPU_CHECK_STAGES:-build compile-warm tests memcheck compare profile bench e2e compile pytest-bench}
+STAGES=${GPU_CHECK_STAGES:-build compile-warm tests simt memcheck compare profile bench e2e compile pytest-bench}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 limit() {  # limit STAGE DEFAULT_S: the stage's time limit
@@ -56,6 +58,12 @@ PY
 echo "stages: $STAGES"
 
 required=torch,triton
+# pytest's options in the test stages: parallel with pytest-xdist, a time limit per test, where installed.
+pytest_base=(-q -p no:cacheprovider -rfE --tb=short)
+$PYTHON -c "import pytest_timeout" 2>/dev/null && pytest_base+=(--timeout 300)
+if $PYTHON -c "import xdist" 2>/dev/null; then
+  pytest_base+=(-n "${GPU_CHECK_WORKERS:-$(( $(nproc) < 12 ? $(nproc) : 12 ))}")
+fi
 for stage in $STAGES; do
   case $stage in
   build)
@@ -84,11 +92,7 @@ for stage in $STAGES; do
     ;;
   tests)
     step "tests on CUDA tensors, every GPU backend (-k ${GPU_CHECK_TESTS_K:-cuda or test_triton})"
-    args=(-q -p no:cacheprovider -rfE --tb=short -k "${GPU_CHECK_TESTS_K:-cuda or test_triton}")
-    $PYTHON -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 300)
-    if $PYTHON -c "import xdist" 2>/dev/null; then
-      args+=(-n "${GPU_CHECK_WORKERS:-$(( $(nproc) < 12 ? $(nproc) : 12 ))}")
-    fi
+    args=("${pytest_base[@]}" -k "${GPU_CHECK_TESTS_K:-cuda or test_triton}")
     # A fastcam._C that did not build must not pass as "not usable here".
     ls fastcam/_C*.so > /dev/null 2>&1 && required=torch,cpu,cuda,triton
     start=$(date +%s)
@@ -97,6 +101,22 @@ for stage in $STAGES; do
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
     tail -2 "$OUT/tests.log"
     echo "tests took $(( $(date +%s) - start )) s"
+    ;;
+  simt)
+    step "FASTCAM_CUDA_MMA=0: the cuda backend's SIMT GEMMs for bf16 features: their tests, then both timed"
+    FASTCAM_CUDA_MMA=0 timeout "$(limit simt 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" tests \
+      > "$OUT/tests_simt.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_simt.log" | cut -c1-300 | head -30
+    tail -1 "$OUT/tests_simt.log"
+    if command -v compute-sanitizer > /dev/null; then
+      FASTCAM_CUDA_MMA=0 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PYTHON scripts/memcheck_case.py > "$OUT/memcheck_simt.log" 2>&1 || status=1
+      grep -E "ERROR SUMMARY" "$OUT/memcheck_simt.log" | sed "s/^/mma=0 /"
+    fi
+    for mma in 0 1; do
+      FASTCAM_CUDA_MMA=$mma timeout 45 $PYTHON -m fastcam.cli bench --backends cuda --skip compile reduce-overhead gradcam \
+        ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} --json "$OUT/bench_cuda_mma$mma.json" | sed "s/^/mma=$mma  /"
+    done
     ;;
   memcheck)
     step "compute-sanitizer memcheck"

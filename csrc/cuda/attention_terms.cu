@@ -36,8 +36,10 @@ struct Workspace {
   T* q;                // [B * C] pair weights
   MapStats<T>* stats;  // [B * C] per-map statistics
   T* overlaps;         // forward: [max(B C C, C B B)] overlaps of the pairwise terms
+  T* rows;             // forward: [B C] their row sums (pair_rows_kernel)
   T* var;              // forward: [B * C] map variances
   T* scalars;          // backward: [kScalars]
+  PairCoef<T>* coef;   // backward: [max(B C C, C B B)] pair coefficients of the pairwise terms
 };
 
 template <typename T>
@@ -47,13 +49,15 @@ Workspace<T> carve(Carver& c, const TermsArgs& a, bool backward) {
   ws.q = c.take<T>(maps);
   const bool pairs = a.w_distinct != 0 || a.w_consist != 0;
   ws.stats = c.take<MapStats<T>>(pairs ? maps : 0);
+  int64_t o = 0;  // pairs of the larger pairwise term
+  if (a.w_distinct != 0) o = a.B * a.C * a.C;
+  if (a.w_consist != 0 && a.C * a.B * a.B > o) o = a.C * a.B * a.B;
   if (backward) {
     ws.scalars = c.take<T>(kScalars);
+    ws.coef = c.take<PairCoef<T>>(o);
   } else {
-    int64_t o = 0;
-    if (a.w_distinct != 0) o = a.B * a.C * a.C;
-    if (a.w_consist != 0 && a.C * a.B * a.B > o) o = a.C * a.B * a.B;
     ws.overlaps = c.take<T>(o);
+    ws.rows = c.take<T>(pairs ? maps : 0);
     ws.var = c.take<T>(a.w_coherence != 0 ? maps : 0);
   }
   return ws;
@@ -107,28 +111,41 @@ __device__ T pair_weight_total(const T* q, const Grouping& gr) {
   return block_sum<kReduceThreads>(part);
 }
 
+// rows[g * P + p] = sum over r != p of w[g, p, r] O[g, p, r], w the off-diagonal pair weights
+// q[g, p] q[g, r], O the overlaps [G, P, P]: a warp per row, in a fixed order. As on the CPU, a
+// pair of zero weight is left out unless one of its maps is not finite (stats [G * P]), so that a
+// zero weight never meets the NaN of an overlap of finite maps (eps = 0, a zero map).
+template <typename T>
+__global__ void __launch_bounds__(kPairWarps * 32)
+    pair_rows_kernel(const T* __restrict__ o, const T* __restrict__ q, const MapStats<T>* __restrict__ stats,
+                     Grouping gr, T* __restrict__ rows) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kPairWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= gr.G * gr.P) return;  // the whole warp
+  const int64_t g = i / gr.P, p = i % gr.P;
+  const T qp = q[g * gr.q_sG + p * gr.q_sP];
+  const T* op = o + i * gr.P;
+  const bool finite_p = finite_map(stats[i]);
+  T part = 0;
+  for (int64_t r = lane; r < gr.P; r += 32) {
+    if (r == p) continue;
+    const T w = qp * q[g * gr.q_sG + r * gr.q_sP];
+    if (w == T(0) && finite_p && finite_map(stats[g * gr.P + r])) continue;
+    part += w * op[r];
+  }
+  part = warp_sum(part);
+  if (lane == 0) rows[i] = part;
+}
+
 // *res = sum w O / (sum w + eps) (distinctiveness) or sum w (1 - O) / (sum w + eps)
-// (consistency), w the off-diagonal pair weights, O the overlaps [G, P, P]. As on the CPU, a
-// pair of zero weight is left out unless one of its maps is not finite (stats [G * P]), so
-// that a zero weight never meets the NaN of an overlap of finite maps (eps = 0, a zero map).
+// (consistency), from pair_rows_kernel's row sums.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    pair_term_kernel(const T* __restrict__ o, const T* __restrict__ q, const MapStats<T>* __restrict__ stats,
-                     Grouping gr, T eps, bool consist, T* __restrict__ res) {
+    pair_term_kernel(const T* __restrict__ rows, const T* __restrict__ q, Grouping gr, T eps, bool consist,
+                     T* __restrict__ res) {
   const T den = pair_weight_total(q, gr);
   T part = 0;
-  for (int64_t i = threadIdx.x; i < gr.G * gr.P; i += kReduceThreads) {
-    const int64_t g = i / gr.P, p = i % gr.P;
-    const T qp = q[g * gr.q_sG + p * gr.q_sP];
-    const T* op = o + (g * gr.P + p) * gr.P;
-    const bool finite_p = finite_map(stats[i]);
-    for (int64_t r = 0; r < gr.P; ++r) {
-      if (r == p) continue;
-      const T w = qp * q[g * gr.q_sG + r * gr.q_sP];
-      if (w == T(0) && finite_p && finite_map(stats[g * gr.P + r])) continue;
-      part += w * op[r];
-    }
-  }
+  for (int64_t i = threadIdx.x; i < gr.G * gr.P; i += kReduceThreads) part += rows[i];
   const T weighted = block_sum<kReduceThreads>(part);
   // sum v (1 - O) = sum v - sum v O
   if (threadIdx.x == 0) *res = consist ? (den - weighted) / (den + eps) : weighted / (den + eps);
@@ -278,8 +295,12 @@ cudaError_t attention_terms_forward(const TermsArgs& a, void* terms, void* works
       const cudaError_t err = launch_overlap_forward<T>(cams, gr.G, gr.P, a.N, gr.map_sG, gr.map_sP, a.measure, e,
                                                         ws.stats, ws.overlaps, stream);
       if (err != cudaSuccess) return err;
-      pair_term_kernel<T><<<1, kReduceThreads, 0, stream>>>(ws.overlaps, ws.q, ws.stats, gr, e, consist,
-                                                            res + (consist ? 3 : 2));
+      if (gr.G * gr.P > 0) {
+        pair_rows_kernel<T><<<static_cast<unsigned>(ceil_div(gr.G * gr.P, kPairWarps)), kPairWarps * 32, 0,
+                              stream>>>(ws.overlaps, ws.q, ws.stats, gr, ws.rows);
+        FC_RETURN_IF_LAUNCH_ERROR();
+      }
+      pair_term_kernel<T><<<1, kReduceThreads, 0, stream>>>(ws.rows, ws.q, gr, e, consist, res + (consist ? 3 : 2));
       FC_RETURN_IF_LAUNCH_ERROR();
       return cudaSuccess;
     };
@@ -335,7 +356,7 @@ cudaError_t attention_terms_backward(const TermsArgs& a, const void* grad_terms,
       pair_scale_kernel<T><<<1, kReduceThreads, 0, stream>>>(ws.q, gr, gt, idx, T(weight), negate, e, scalars);
       FC_RETURN_IF_LAUNCH_ERROR();
       return launch_overlap_backward<T>(PairWeight<T>{ws.q, gr.q_sG, gr.q_sP, scalars}, cams, gr.G, gr.P, a.N,
-                                        gr.map_sG, gr.map_sP, a.measure, e, ws.stats, gc, stream);
+                                        gr.map_sG, gr.map_sP, a.measure, e, ws.stats, ws.coef, gc, stream);
     };
     if (a.w_distinct != 0) {
       const cudaError_t err = pair_grads(by_image(a), 2, a.w_distinct, false, kDistinctSlot);

@@ -5,8 +5,8 @@
 //   scores_kernel          S = W F: a block per (image, 64 positions, 16 or 32 classes), K
 //                          walked in chunks of 32 staged in shared memory, loaded along
 //                          whichever of K / N is contiguous; 4 or 8 outputs per thread.
-//   head_maps_kernel       a thread per map: logit = mean + bias, cam = normalize (map_math.h).
-//   head_grad_maps_kernel  a thread per map: G = normalize_backward(grad_cams) + grad_logits / N.
+//   head_maps_kernel       a warp per map: logit = mean + bias, cam = normalize (map_math.h's math).
+//   head_grad_maps_kernel  a warp per map: G = normalize_backward(grad_cams) + grad_logits / N.
 //   grad_features_kernel   dF = W^T G: a block per (image, 64 positions, 32 channels), C walked
 //                          in chunks of 16 in shared memory; each dF element written once,
 //                          stores coalesced along dF's contiguous dimension.
@@ -17,9 +17,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "../common/map_math.h"
 #include "common.cuh"
+#include "head_mma.cuh"
 #include "launch.h"
 
 namespace fastcam::cuda {
@@ -83,39 +87,129 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per map (b, c): logit = mean_n S + bias[c]; cam = normalize(S), as the CPU kernel.
+// The per-map kernels: a warp per map, its lanes on consecutive positions (coalesced), sums
+// and maxima by warp shuffles (common.cuh's warp_sum, warp_nan_max). (A thread per map walking
+// its positions, uncoalesced, took 1.3 ms of a resnet50@1024 B32 step on an H200.) The math is
+// map_math.h's normalize_forward/backward.
+constexpr int kMapWarps = 4;  // warps (maps) per block
+
+// logit = mean(S) + bias, cam = normalize(S), a warp per map.
 template <typename acc_t>
-__global__ void head_maps_kernel(const acc_t* __restrict__ s, const acc_t* __restrict__ bias, int64_t maps, int64_t C,
-                                 int64_t N, Normalize mode, acc_t temperature, acc_t eps, acc_t* __restrict__ logits,
-                                 acc_t* __restrict__ cams) {
-  for (int64_t map = global_index(); map < maps; map += global_stride()) {
-    const acc_t* sm = s + map * N;
-    acc_t total = 0;
-    for (int64_t n = 0; n < N; ++n) total += sm[n];
-    logits[map] = total / acc_t(N) + (bias ? bias[map % C] : acc_t(0));
-    normalize_forward<acc_t>(sm, cams + map * N, N, mode, temperature, eps);
+__global__ void __launch_bounds__(kMapWarps * 32)
+    head_maps_kernel(const acc_t* __restrict__ s, const acc_t* __restrict__ bias, int64_t maps, int64_t C, int64_t N,
+                     Normalize mode, acc_t temperature, acc_t eps, acc_t* __restrict__ logits,
+                     acc_t* __restrict__ cams) {
+  const int64_t map = static_cast<int64_t>(blockIdx.x) * kMapWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (map >= maps) return;  // the whole warp
+  const acc_t* sm = s + map * N;
+  acc_t* cm = cams + map * N;
+  acc_t total = 0;
+  for (int64_t n = lane; n < N; n += 32) total += sm[n];
+  total = warp_sum(total);
+  if (lane == 0) logits[map] = total / acc_t(N) + (bias ? bias[map % C] : acc_t(0));
+  if (mode == Normalize::Softmax) {
+    acc_t mx = -INFINITY;
+    for (int64_t n = lane; n < N; n += 32) mx = nan_max(mx, sm[n] / temperature);
+    mx = warp_nan_max(mx);
+    acc_t sum_e = 0;
+    for (int64_t n = lane; n < N; n += 32) {
+      const acc_t e = exp(sm[n] / temperature - mx);
+      cm[n] = e;
+      sum_e += e;
+    }
+    sum_e = warp_sum(sum_e);
+    for (int64_t n = lane; n < N; n += 32) cm[n] /= sum_e;
+    return;
   }
+  if (mode == Normalize::None) {
+    for (int64_t n = lane; n < N; n += 32) cm[n] = relu(sm[n]);
+    return;
+  }
+  acc_t den = 0;
+  if (mode == Normalize::Max) {
+    acc_t mx = 0;  // relu >= 0 (or NaN)
+    for (int64_t n = lane; n < N; n += 32) mx = nan_max(mx, relu(sm[n]));
+    den = warp_nan_max(mx) + eps;
+  } else if (mode == Normalize::Sum) {
+    acc_t sum = 0;
+    for (int64_t n = lane; n < N; n += 32) sum += relu(sm[n]);
+    den = warp_sum(sum) + eps;
+  } else {  // L2
+    acc_t sq = 0;
+    for (int64_t n = lane; n < N; n += 32) {
+      const acc_t r = relu(sm[n]);
+      sq += r * r;
+    }
+    den = sqrt(warp_sum(sq)) + eps;
+  }
+  for (int64_t n = lane; n < N; n += 32) cm[n] = relu(sm[n]) / den;
 }
 
 // ----------------------------------------------------------------------- backward
 
-// Per map: G = dL/dS through the normalization (0 without grad_cams) + dL/dlogit / N.
+// Per map: G = dL/dS through the normalization (0 without grad_cams) + dL/dlogit / N; a warp per map.
 template <typename acc_t>
-__global__ void head_grad_maps_kernel(const acc_t* __restrict__ gl, const acc_t* __restrict__ gc,
-                                      const acc_t* __restrict__ s, const acc_t* __restrict__ cams, int64_t maps,
-                                      int64_t N, Normalize mode, acc_t temperature, acc_t eps,
-                                      acc_t* __restrict__ g) {
-  for (int64_t map = global_index(); map < maps; map += global_stride()) {
-    acc_t* out = g + map * N;
-    if (gc) {
-      normalize_backward<acc_t>(gc + map * N, s + map * N, cams + map * N, out, N, mode, temperature, eps);
-    } else {
-      for (int64_t n = 0; n < N; ++n) out[n] = acc_t(0);
+__global__ void __launch_bounds__(kMapWarps * 32)
+    head_grad_maps_kernel(const acc_t* __restrict__ gl, const acc_t* __restrict__ gc, const acc_t* __restrict__ s,
+                          const acc_t* __restrict__ cams, int64_t maps, int64_t N, Normalize mode, acc_t temperature,
+                          acc_t eps, acc_t* __restrict__ g) {
+  const int64_t map = static_cast<int64_t>(blockIdx.x) * kMapWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (map >= maps) return;  // the whole warp
+  const acc_t from_logit = gl ? gl[map] / acc_t(N) : acc_t(0);
+  acc_t* out = g + map * N;
+  if (!gc) {
+    for (int64_t n = lane; n < N; n += 32) out[n] = from_logit;
+    return;
+  }
+  const acc_t* gm = gc + map * N;
+  const acc_t* sm = s + map * N;
+  const acc_t* cm = cams + map * N;
+  acc_t dot = 0;
+  for (int64_t n = lane; n < N; n += 32) dot += gm[n] * cm[n];
+  dot = warp_sum(dot);
+  if (mode == Normalize::Softmax) {
+    for (int64_t n = lane; n < N; n += 32) out[n] = cm[n] * (gm[n] - dot) / temperature + from_logit;
+    return;
+  }
+  if (mode == Normalize::None) {
+    for (int64_t n = lane; n < N; n += 32) out[n] = (sm[n] <= acc_t(0) ? acc_t(0) : gm[n]) + from_logit;
+    return;
+  }
+  if (mode == Normalize::Sum) {
+    acc_t sum = 0;
+    for (int64_t n = lane; n < N; n += 32) sum += relu(sm[n]);
+    const acc_t den = warp_sum(sum) + eps;
+    for (int64_t n = lane; n < N; n += 32)
+      out[n] = (sm[n] <= acc_t(0) ? acc_t(0) : (gm[n] - dot) / den) + from_logit;
+    return;
+  }
+  if (mode == Normalize::L2) {
+    acc_t sq = 0;
+    for (int64_t n = lane; n < N; n += 32) {
+      const acc_t r = relu(sm[n]);
+      sq += r * r;
     }
-    if (gl) {
-      const acc_t from_logit = gl[map] / acc_t(N);
-      for (int64_t n = 0; n < N; ++n) out[n] += from_logit;
-    }
+    const acc_t norm = sqrt(warp_sum(sq));
+    const acc_t den = norm + eps;
+    const acc_t along = norm > acc_t(0) ? dot / norm : acc_t(0);
+    for (int64_t n = lane; n < N; n += 32)
+      out[n] = (sm[n] <= acc_t(0) ? acc_t(0) : gm[n] / den - along * cm[n]) + from_logit;
+    return;
+  }
+  // Max: the gradient through the max goes to the tied maxima in equal shares.
+  acc_t mx = 0;
+  for (int64_t n = lane; n < N; n += 32) mx = nan_max(mx, relu(sm[n]));
+  mx = warp_nan_max(mx);
+  acc_t ties = 0;
+  for (int64_t n = lane; n < N; n += 32) ties += relu(sm[n]) == mx ? acc_t(1) : acc_t(0);
+  ties = warp_sum(ties);
+  const acc_t den = mx + eps;
+  const acc_t through_max = ties > acc_t(0) ? dot / den / ties : acc_t(0);
+  for (int64_t n = lane; n < N; n += 32) {
+    const acc_t gv = gm[n] / den - (relu(sm[n]) == mx ? through_max : acc_t(0));
+    out[n] = (sm[n] <= acc_t(0) ? acc_t(0) : gv) + from_logit;  // NaN passes, as in relu's backward
   }
 }
 
@@ -261,6 +355,20 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t 
 
 bool positions_contiguous(const FeatureView& v) { return v.sN == 1 || v.N == 1; }
 
+// The GEMMs of bf16 features on the tensor cores (head_mma.cuh), on sm_80 and newer; the SIMT
+// kernels above otherwise, or with FASTCAM_CUDA_MMA=0 (read once).
+bool use_mma() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTCAM_CUDA_MMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!on) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
 bool fits_grid_x(int64_t blocks) { return blocks <= 0x7fffffff; }
 bool fits_grid_yz(int64_t blocks) { return blocks <= 65535; }
 
@@ -292,18 +400,32 @@ cudaError_t cam_head_forward(const FeatureView& fv, const void* features, const 
     const bool k_fast = !positions_contiguous(fv);
     const int64_t n_tiles = ceil_div(N, kFwdTileN);
     if (!fits_grid_x(B * n_tiles)) return cudaErrorInvalidConfiguration;
-    if (C <= 16) {
+    bool done = false;
+    if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+      if (use_mma()) {
+        const int64_t tiles = ceil_div(N, mma::kSTileN), c_tiles = ceil_div(C, mma::kSTileC);
+        if (!fits_grid_x(B * tiles) || !fits_grid_yz(c_tiles)) return cudaErrorInvalidConfiguration;
+        const dim3 grid(static_cast<unsigned>(B * tiles), static_cast<unsigned>(c_tiles));
+        if (k_fast) {
+          mma::scores_kernel<true><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, w, C, s, tiles);
+        } else {
+          mma::scores_kernel<false><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, w, C, s, tiles);
+        }
+        done = true;
+      }
+    }
+    if (!done && C <= 16) {
       const dim3 grid(static_cast<unsigned>(B * n_tiles), static_cast<unsigned>(ceil_div(C, 16)));
       scores_kernel<scalar_t, acc_t, 4><<<grid, kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, k_fast, w, C, s,
                                                                         n_tiles);
-    } else {
+    } else if (!done) {
       if (!fits_grid_yz(ceil_div(C, 32))) return cudaErrorInvalidConfiguration;
       const dim3 grid(static_cast<unsigned>(B * n_tiles), static_cast<unsigned>(ceil_div(C, 32)));
       scores_kernel<scalar_t, acc_t, 8><<<grid, kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, k_fast, w, C, s,
                                                                         n_tiles);
     }
     FC_RETURN_IF_LAUNCH_ERROR();
-    head_maps_kernel<acc_t><<<grid_for(maps, kMapThreads), kMapThreads, 0, stream>>>(
+    head_maps_kernel<acc_t><<<static_cast<unsigned>(ceil_div(maps, kMapWarps)), kMapWarps * 32, 0, stream>>>(
         s, static_cast<const acc_t*>(bias), maps, C, N, mode, acc_t(temperature), acc_t(eps),
         static_cast<acc_t*>(logits), static_cast<acc_t*>(cams));
     FC_RETURN_IF_LAUNCH_ERROR();
@@ -325,13 +447,30 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
     const auto* w = static_cast<const acc_t*>(weight);
     auto* g = static_cast<acc_t*>(grad_scores);
     if (maps > 0) {
-      head_grad_maps_kernel<acc_t><<<grid_for(maps, kMapThreads), kMapThreads, 0, stream>>>(
+      head_grad_maps_kernel<acc_t><<<static_cast<unsigned>(ceil_div(maps, kMapWarps)), kMapWarps * 32, 0, stream>>>(
           static_cast<const acc_t*>(grad_logits), static_cast<const acc_t*>(grad_cams),
           static_cast<const acc_t*>(scores), static_cast<const acc_t*>(cams), maps, N, mode, acc_t(temperature),
           acc_t(eps), g);
       FC_RETURN_IF_LAUNCH_ERROR();
     }
-    if (grad_features && K > 0) {
+    bool mma_path = false;
+    if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) mma_path = use_mma();
+    if (grad_features && K > 0 && mma_path) {
+      if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+        const int64_t n_tiles = ceil_div(N, mma::kDTileN), k_tiles = ceil_div(K, mma::kDTileK);
+        if (!fits_grid_x(B * n_tiles) || !fits_grid_yz(k_tiles)) return cudaErrorInvalidConfiguration;
+        const dim3 grid(static_cast<unsigned>(B * n_tiles), static_cast<unsigned>(k_tiles));
+        auto* df = static_cast<scalar_t*>(grad_features);
+        if (positions_contiguous(dfv)) {
+          mma::grad_features_kernel<false>
+              <<<grid, mma::kThreads, 0, stream>>>(w, g, C, K, N, df, dfv.sB, dfv.sK, dfv.sN, n_tiles);
+        } else {
+          mma::grad_features_kernel<true>
+              <<<grid, mma::kThreads, 0, stream>>>(w, g, C, K, N, df, dfv.sB, dfv.sK, dfv.sN, n_tiles);
+        }
+        FC_RETURN_IF_LAUNCH_ERROR();
+      }
+    } else if (grad_features && K > 0) {
       // With C = 0 the loop over classes is empty and dF is written as zeros.
       const int64_t n_tiles = ceil_div(N, kDfTileN);
       const int64_t k_tiles = ceil_div(K, kDfTileK);
@@ -359,9 +498,26 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
       acc_t* out = splits > 1 ? static_cast<acc_t*>(dw_partials) : static_cast<acc_t*>(grad_weight);
       const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(c_tiles),
                       static_cast<unsigned>(used_splits));
-      grad_weight_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          static_cast<const scalar_t*>(features), K, N, fv.sB, fv.sK, fv.sN, !positions_contiguous(fv), g, C, rows,
-          rows_per_split, out);
+      bool done = false;
+      if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+        if (mma_path) {  // the same tiles (64 channels x 16 classes) and splits as the SIMT kernel
+          static_assert(mma::kWTileK == kDwTileK && mma::kWTileC == kDwTileC && mma::kWRows == kDwRows);
+          const auto* f = static_cast<const scalar_t*>(features);
+          if (positions_contiguous(fv)) {
+            mma::grad_weight_kernel<false><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, g, C,
+                                                                                rows, rows_per_split, out);
+          } else {
+            mma::grad_weight_kernel<true><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, g, C,
+                                                                               rows, rows_per_split, out);
+          }
+          done = true;
+        }
+      }
+      if (!done) {
+        grad_weight_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+            static_cast<const scalar_t*>(features), K, N, fv.sB, fv.sK, fv.sN, !positions_contiguous(fv), g, C, rows,
+            rows_per_split, out);
+      }
       FC_RETURN_IF_LAUNCH_ERROR();
       if (splits > 1) {
         sum_partials_kernel<acc_t><<<grid_for(C * K, kMapThreads), kMapThreads, 0, stream>>>(

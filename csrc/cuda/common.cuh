@@ -106,6 +106,24 @@ __device__ T block_sum(T v) {
   return r;
 }
 
+// ------------------------------------------------------------------ warp reductions
+
+// The sum (the NaN-propagating max) of v over the 32 lanes of a full warp, in a fixed order,
+// then lane 0's result broadcast, so that every lane uses the same value.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_nan_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_down_sync(0xffffffffu, v, o));
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
 // -------------------------------------------------------------------- workspace
 
 // Hands out consecutive 256-byte aligned pieces of one buffer; with base null it only

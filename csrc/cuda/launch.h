@@ -66,7 +66,7 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
 // -------------------------------------------------------------------- pairwise_overlap
 
 // cams [G, P, N] contiguous, float32 (dbl false) or float64 (dbl true).
-size_t pairwise_overlap_workspace_bytes(int64_t G, int64_t P, bool dbl);
+size_t pairwise_overlap_workspace_bytes(int64_t G, int64_t P, bool dbl, bool backward);
 // out [G, P, P] = overlap of every pair of maps within a group.
 cudaError_t pairwise_overlap_forward(const void* cams, bool dbl, int64_t G, int64_t P, int64_t N, Measure m,
                                      double eps, void* out, void* workspace, cudaStream_t stream);

@@ -10,12 +10,14 @@
 
 namespace fastcam::cuda {
 
-size_t pairwise_overlap_workspace_bytes(int64_t G, int64_t P, bool dbl) {
+size_t pairwise_overlap_workspace_bytes(int64_t G, int64_t P, bool dbl, bool backward) {
   Carver c(nullptr);
   if (dbl) {
     c.take<MapStats<double>>(G * P);
+    c.take<PairCoef<double>>(backward ? G * P * P : 0);
   } else {
     c.take<MapStats<float>>(G * P);
+    c.take<PairCoef<float>>(backward ? G * P * P : 0);
   }
   return c.used();
 }
@@ -37,8 +39,9 @@ cudaError_t pairwise_overlap_backward(const void* grad, const void* cams, bool d
     using T = decltype(tag);
     Carver c(workspace);
     MapStats<T>* stats = c.take<MapStats<T>>(G * P);
+    PairCoef<T>* coef = c.take<PairCoef<T>>(G * P * P);
     return launch_overlap_backward<T>(GradOutWeight<T>{static_cast<const T*>(grad), P}, static_cast<const T*>(cams),
-                                      G, P, N, P * N, N, m, T(eps), stats, static_cast<T*>(grad_cams), stream);
+                                      G, P, N, P * N, N, m, T(eps), stats, coef, static_cast<T*>(grad_cams), stream);
   });
 }
 

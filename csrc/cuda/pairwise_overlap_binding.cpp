@@ -24,7 +24,7 @@ at::Tensor pairwise_overlap_cuda(const at::Tensor& cams, c10::string_view measur
   const int64_t G = c.size(0), P = c.size(1), N = c.size(2);
   const bool dbl = c.scalar_type() == at::kDouble;
   at::Tensor out = at::empty({G, P, P}, c.options());
-  const at::Tensor ws = workspace(pairwise_overlap_workspace_bytes(G, P, dbl), c);
+  const at::Tensor ws = workspace(pairwise_overlap_workspace_bytes(G, P, dbl, false), c);
   C10_CUDA_CHECK(pairwise_overlap_forward(c.const_data_ptr(), dbl, G, P, N, m, eps, out.mutable_data_ptr(),
                                           ws.mutable_data_ptr(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -43,7 +43,7 @@ at::Tensor pairwise_overlap_backward_cuda(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(g.sizes() == at::IntArrayRef({G, P, P}), "fastcam::pairwise_overlap_backward: grad must be [G, P, P]");
   const bool dbl = c.scalar_type() == at::kDouble;
   at::Tensor out = at::zeros_like(c);
-  const at::Tensor ws = workspace(pairwise_overlap_workspace_bytes(G, P, dbl), c);
+  const at::Tensor ws = workspace(pairwise_overlap_workspace_bytes(G, P, dbl, true), c);
   C10_CUDA_CHECK(pairwise_overlap_backward(g.const_data_ptr(), c.const_data_ptr(), dbl, G, P, N, m, eps,
                                            out.mutable_data_ptr(), ws.mutable_data_ptr(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
