@@ -19,6 +19,8 @@ label rates, most labeled images have none), which the CPU backend exploits.
 """
 
 import argparse
+import ctypes
+import sys
 import time
 
 import torch
@@ -39,6 +41,24 @@ def median_ms(fn, device, reps):
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def steady_allocator() -> bool:
+    """On glibc, serve every block under 32 MiB from the heap (mallopt M_MMAP_THRESHOLD).
+
+    glibc starts by mmapping every block over 128 KiB, so each step of a fresh process page-faults
+    its multi-MB temporaries in again, and raises that threshold only once such a block is freed:
+    the reference's step at resnet50@224 B=8 took 5.8-6.7 ms in a fresh process and 2.6-2.9 ms
+    after larger shapes had run (2 cores, 2026-11-26). A training loop is in the second state;
+    this puts every shape there, whatever ran before it (--cold-malloc to leave glibc alone)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1
 
 
 def gemm_floor_ms(shape, device, reps):
@@ -63,12 +83,15 @@ def main():
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--tiny", action="store_true",
                         help="only a tiny shape (B=2, C=3, K=5, 2x2): the fixed cost of a step")
+    parser.add_argument("--cold-malloc", action="store_true",
+                        help="leave glibc's allocator as it starts (see steady_allocator)")
     args = parser.parse_args()
+    steady = not args.cold_malloc and steady_allocator()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = [n for n, b in fastcam.backends().items() if b.usable and device in b.device_types]
     batches = [None] if args.spec else (args.batch or [2, 4, 8])
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | bf16 features, "
-          f"fwd+bwd of attention_loss, median of {args.reps}")
+          f"fwd+bwd of attention_loss, median of {args.reps} | malloc {'steady' if steady else 'as started'}")
     print(f"{'shape':24s} {'B':>4s} " + " ".join(f"{b + ' ms':>10s}" for b in backends)
           + "".join(f" {b + ' x':>8s}" for b in backends if b != "torch") + f" {'gemm ms':>9s} {'max x':>7s}")
     shapes = [Shape("tiny", 2, 3, 5, 2, 2)] if args.tiny else SPEC_SHAPES
