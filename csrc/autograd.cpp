@@ -2,7 +2,8 @@
 // alike): each forward op saves what its backward op needs, and the backward op computes
 // every input gradient in one call. Doing this in C++ rather than in Python keeps the
 // per-step overhead small. Double backward raises (fastcam/_ops.py registers the backward
-// ops' own autograd as an error), instead of returning wrong values.
+// ops' own autograd as an error; a backward without create_graph calls them below it),
+// instead of returning wrong values.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -30,6 +31,16 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 OptTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// f(), a backward op's call in a backward. The backward ops' own autograd (fastcam/_ops.py)
+// exists only to refuse a double backward, so without create_graph (grad mode off) the call
+// goes below autograd and skips that Python kernel (~9 us a call, two calls a step).
+template <typename F>
+auto unless_create_graph_below_autograd(F&& f) {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!at::GradMode::is_enabled()) below.emplace();
+  return f();
+}
 
 // ------------------------------------------------------------------------------ cam_head
 
@@ -63,9 +74,10 @@ class CamHead : public Function<CamHead> {
     variable_list out(6);
     if (!grads[0].defined() && !grads[2].defined()) return out;
     const std::string normalize = ctx->saved_data["normalize"].toStringRef();
-    auto [gf, gw, gb] = bwd.call(defined_or_none(grads[0]), defined_or_none(grads[2]), saved[0], saved[1], saved[2],
-                                 saved[3], normalize, ctx->saved_data["temperature"].toDouble(),
-                                 ctx->saved_data["eps"].toDouble(), mask);
+    auto [gf, gw, gb] = unless_create_graph_below_autograd([&] {
+      return bwd.call(defined_or_none(grads[0]), defined_or_none(grads[2]), saved[0], saved[1], saved[2], saved[3],
+                      normalize, ctx->saved_data["temperature"].toDouble(), ctx->saved_data["eps"].toDouble(), mask);
+    });
     if (mask[0]) out[0] = gf;
     if (mask[1]) out[1] = gw.to(saved[1].scalar_type());
     if (mask[2]) out[2] = gb.to(c10::ScalarType(bias_dtype));
@@ -96,8 +108,9 @@ class PairwiseOverlap : public Function<PairwiseOverlap> {
     static auto bwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>(
         "fastcam::pairwise_overlap_backward");
     const std::string measure = ctx->saved_data["measure"].toStringRef();
-    return {bwd.call(grads[0], ctx->get_saved_variables()[0], measure, ctx->saved_data["eps"].toDouble()),
-            at::Tensor(), at::Tensor()};
+    at::Tensor grad = unless_create_graph_below_autograd(
+        [&] { return bwd.call(grads[0], ctx->get_saved_variables()[0], measure, ctx->saved_data["eps"].toDouble()); });
+    return {grad, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -138,9 +151,11 @@ class AttentionTerms : public Function<AttentionTerms> {
     const auto saved = ctx->get_saved_variables();
     const std::string measure = ctx->saved_data["measure"].toStringRef();
     const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
-    auto [gl, gc] = bwd.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]), defined_or_none(saved[3]),
-                             measure, ctx->saved_data["eps"].toDouble(), ctx->saved_data["predicted"].toBool(),
-                             ctx->saved_data["grid_h"].toInt(), ctx->saved_data["grid_w"].toInt(), weights);
+    auto [gl, gc] = unless_create_graph_below_autograd([&] {
+      return bwd.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]), defined_or_none(saved[3]), measure,
+                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["predicted"].toBool(),
+                      ctx->saved_data["grid_h"].toInt(), ctx->saved_data["grid_w"].toInt(), weights);
+    });
     variable_list out(10);
     if (ctx->needs_input_grad(0)) out[0] = gl.to(saved[0].scalar_type());
     if (ctx->needs_input_grad(1)) out[1] = gc;
@@ -203,12 +218,14 @@ class AttentionLoss : public Function<AttentionLoss> {
       std::vector<at::Tensor> parts(5);
       for (int i = 0; i < 5; ++i)
         parts[i] = grads[i].defined() ? grads[i].to(cams.scalar_type()) : at::zeros({}, cams.options());
-      const std::string measure = ctx->saved_data["measure"].toStringRef();
+        const std::string measure = ctx->saved_data["measure"].toStringRef();
       const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
-      std::tie(gl, gc) = terms_bwd.call(at::stack(parts), logits, cams, defined_or_none(saved[5]),
-                                        defined_or_none(saved[6]), measure, ctx->saved_data["eps"].toDouble(),
-                                        ctx->saved_data["predicted"].toBool(), ctx->saved_data["grid_h"].toInt(),
-                                        ctx->saved_data["grid_w"].toInt(), weights);
+      const at::Tensor grad_terms = at::stack(parts);
+      std::tie(gl, gc) = unless_create_graph_below_autograd([&] {
+        return terms_bwd.call(grad_terms, logits, cams, defined_or_none(saved[5]), defined_or_none(saved[6]), measure,
+                              ctx->saved_data["eps"].toDouble(), ctx->saved_data["predicted"].toBool(),
+                              ctx->saved_data["grid_h"].toInt(), ctx->saved_data["grid_w"].toInt(), weights);
+      });
     }
     if (grads[5].defined()) gl = gl.defined() ? gl.add(grads[5]) : grads[5].to(logits.scalar_type());
     if (grads[6].defined()) {
@@ -221,9 +238,10 @@ class AttentionLoss : public Function<AttentionLoss> {
                                       bias_dtype >= 0 && ctx->needs_input_grad(2)};
     if (!mask[0] && !mask[1] && !mask[2]) return out;
     const std::string normalize = ctx->saved_data["normalize"].toStringRef();
-    auto [gf, gw, gb] = head_bwd.call(defined_or_none(gl), defined_or_none(gc), f, weight, scores, cams, normalize,
-                                      ctx->saved_data["temperature"].toDouble(), ctx->saved_data["eps"].toDouble(),
-                                      mask);
+    auto [gf, gw, gb] = unless_create_graph_below_autograd([&] {
+      return head_bwd.call(defined_or_none(gl), defined_or_none(gc), f, weight, scores, cams, normalize,
+                           ctx->saved_data["temperature"].toDouble(), ctx->saved_data["eps"].toDouble(), mask);
+    });
     if (mask[0]) {
       // gf has the [B, K, N] view's strides: back to the features' shape ([B, K, H, W] or [B, N, K]).
       const auto shape = ctx->saved_data["features_shape"].toIntVector();
