@@ -23,6 +23,11 @@
 # GPU_CHECK_TESTS_K (pytest -k of the tests stage, default "cuda or test_triton":
 # the ids of CUDA cases, and tests/test_triton.py, which runs on CUDA where there is a GPU), GPU_CHECK_WORKERS (xdist),
 # GPU_CHECK_SHAPES (shapes of the bench and compile stages, default the six of SPEC section 5).
+# Through the device tool (15 min of device time a session, a machine starting in ~30 s), one
+# call that fits (2026-11-26, H200: build 33 s, tests 60 s, memcheck 20 s, profile 20 s, the
+# compile stage's bench 35 s after the background warm-up), its logs tarred into the tool's $OUT:
+#   GPU_CHECK_STAGES="build compile-warm tests simt memcheck profile compile" OUT=/tmp/gc \
+#     bash scripts/gpu_check.sh; (cd /tmp/gc && tar czf $OUT/gc.tgz *)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
