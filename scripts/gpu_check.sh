@@ -5,8 +5,8 @@
 #             that the compile stage finds them in torch's caches;
 #   tests     runs the test suite on CUDA tensors for every GPU backend (torch, cuda, triton; the
 #             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
-#   simt      the cuda backend with FASTCAM_CUDA_MMA=0 (SIMT GEMMs for bf16 features instead of the
-#             tensor cores): its tests and memcheck, and its bench beside the default's;
+#   variants  the cuda backend's other GEMM paths (FASTCAM_CUDA_MMA=0: SIMT; =2: dW by whole images,
+#             experimental; GPU_CHECK_VARIANTS): their tests and memcheck, and every path's bench;
 #   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
 #   compare   benchmarks/compare_backends.py --spec: the backends side by side at the SPEC batches;
 #   profile   benchmarks/profile_step.py: the kernels of one step per backend and shape (torch.profiler);
@@ -26,7 +26,7 @@
 # Through the device tool (15 min of device time a session, a machine starting in ~30 s), one
 # call that fits (2026-11-26, H200: build 33 s, tests 60 s, memcheck 20 s, profile 20 s, the
 # compile stage's bench 35 s after the background warm-up), its logs tarred into the tool's $OUT:
-#   GPU_CHECK_STAGES="build compile-warm tests simt memcheck profile compile" OUT=/tmp/gc \
+#   GPU_CHECK_STAGES="build compile-warm tests variants memcheck profile compile" OUT=/tmp/gc \
 #     bash scripts/gpu_check.sh; (cd /tmp/gc && tar czf $OUT/gc.tgz *)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
-STAGES=${GPU_CHECK_STAGES:-build compile-warm tests simt memcheck compare profile bench e2e compile pytest-bench}
+STAGES=${GPU_CHECK_STAGES:-build compile-warm tests variants memcheck compare profile bench e2e compile pytest-bench}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 limit() {  # limit STAGE DEFAULT_S: the stage's time limit
@@ -107,18 +107,23 @@ for stage in $STAGES; do
     tail -2 "$OUT/tests.log"
     echo "tests took $(( $(date +%s) - start )) s"
     ;;
-  simt)
-    step "FASTCAM_CUDA_MMA=0: the cuda backend's SIMT GEMMs for bf16 features: their tests, then both timed"
-    FASTCAM_CUDA_MMA=0 timeout "$(limit simt 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" tests \
-      > "$OUT/tests_simt.log" 2>&1 || status=1
-    grep -E "^(FAILED|ERROR)" "$OUT/tests_simt.log" | cut -c1-300 | head -30
-    tail -1 "$OUT/tests_simt.log"
-    if command -v compute-sanitizer > /dev/null; then
-      FASTCAM_CUDA_MMA=0 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        $PYTHON scripts/memcheck_case.py > "$OUT/memcheck_simt.log" 2>&1 || status=1
-      grep -E "ERROR SUMMARY" "$OUT/memcheck_simt.log" | sed "s/^/mma=0 /"
-    fi
-    for mma in 0 1; do
+  variants)
+    # The cuda backend's other GEMM paths (FASTCAM_CUDA_MMA, csrc/cuda/cam_head.cu): 0 the SIMT
+    # kernels, 2 dW by whole images (experimental); each one's tests and memcheck, then every
+    # path's bench beside the default's (1).
+    for mma in ${GPU_CHECK_VARIANTS:-0 2}; do
+      step "FASTCAM_CUDA_MMA=$mma: the cuda backend's tests and memcheck"
+      FASTCAM_CUDA_MMA=$mma timeout "$(limit variants 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" \
+        tests > "$OUT/tests_mma$mma.log" 2>&1 || status=1
+      grep -E "^(FAILED|ERROR)" "$OUT/tests_mma$mma.log" | cut -c1-300 | head -30
+      tail -1 "$OUT/tests_mma$mma.log"
+      if command -v compute-sanitizer > /dev/null; then
+        FASTCAM_CUDA_MMA=$mma timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          $PYTHON scripts/memcheck_case.py > "$OUT/memcheck_mma$mma.log" 2>&1 || status=1
+        grep -E "ERROR SUMMARY" "$OUT/memcheck_mma$mma.log" | sed "s/^/mma=$mma /"
+      fi
+    done
+    for mma in 1 ${GPU_CHECK_VARIANTS:-0 2}; do
       FASTCAM_CUDA_MMA=$mma timeout 45 $PYTHON -m fastcam.cli bench --backends cuda --skip compile reduce-overhead gradcam \
         ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} --json "$OUT/bench_cuda_mma$mma.json" | sed "s/^/mma=$mma  /"
     done

@@ -16,6 +16,7 @@
 // Every sum has a fixed order, so results are bitwise reproducible (deterministic mode or not).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -355,14 +356,21 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t 
 
 bool positions_contiguous(const FeatureView& v) { return v.sN == 1 || v.N == 1; }
 
-// The GEMMs of bf16 features on the tensor cores (head_mma.cuh), on sm_80 and newer; the SIMT
-// kernels above otherwise, or with FASTCAM_CUDA_MMA=0 (read once).
-bool use_mma() {
-  static const bool on = [] {
+// FASTCAM_CUDA_MMA (read once): unset or 1, the GEMMs of bf16 features on the tensor cores
+// (head_mma.cuh) on sm_80 and newer; 0, the SIMT kernels above; 2, as 1 with dW split by whole
+// images (mma::grad_weight_images_kernel, experimental: gpu_check.sh's stage `variants`).
+int mma_mode() {
+  static const int mode = [] {
     const char* v = std::getenv("FASTCAM_CUDA_MMA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    if (v == nullptr) return 1;
+    if (std::strcmp(v, "0") == 0) return 0;
+    return std::strcmp(v, "2") == 0 ? 2 : 1;
   }();
-  if (!on) return false;
+  return mode;
+}
+
+bool use_mma() {
+  if (mma_mode() == 0) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
@@ -487,6 +495,43 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
       FC_RETURN_IF_LAUNCH_ERROR();
     }
     const int64_t splits = cam_head_dw_splits(B, N, C, K);
+    if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+      if (grad_weight && splits > 0 && mma_path && mma_mode() == 2) {
+        // Splits of whole images, no more than the partials' workspace holds (cam_head_dw_splits).
+        const int64_t k_tiles = ceil_div(K, mma::kWTileK), c_tiles = ceil_div(C, mma::kWTileC);
+        const int64_t want = std::max<int64_t>(1, ceil_div(kDwTargetBlocks, k_tiles * c_tiles));
+        const int64_t per_split = ceil_div(B, std::min(std::min(want, B), splits));
+        const int64_t used = ceil_div(B, per_split);
+        if (!fits_grid_x(k_tiles) || !fits_grid_yz(c_tiles) || !fits_grid_yz(used))
+          return cudaErrorInvalidConfiguration;
+        acc_t* out = used > 1 ? static_cast<acc_t*>(dw_partials) : static_cast<acc_t*>(grad_weight);
+        const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(c_tiles), static_cast<unsigned>(used));
+        const auto* f = static_cast<const scalar_t*>(features);
+        const bool aligned = reinterpret_cast<uintptr_t>(f) % 16 == 0 && fv.sB % 8 == 0;
+        if (positions_contiguous(fv)) {
+          if (aligned && fv.sK % 8 == 0) {
+            mma::grad_weight_images_kernel<false, true>
+                <<<grid, mma::kThreads, 0, stream>>>(f, B, K, N, fv.sB, fv.sK, fv.sN, g, C, per_split, out);
+          } else {
+            mma::grad_weight_images_kernel<false, false>
+                <<<grid, mma::kThreads, 0, stream>>>(f, B, K, N, fv.sB, fv.sK, fv.sN, g, C, per_split, out);
+          }
+        } else if (aligned && fv.sK == 1 && fv.sN % 8 == 0) {
+          mma::grad_weight_images_kernel<true, true>
+              <<<grid, mma::kThreads, 0, stream>>>(f, B, K, N, fv.sB, fv.sK, fv.sN, g, C, per_split, out);
+        } else {
+          mma::grad_weight_images_kernel<true, false>
+              <<<grid, mma::kThreads, 0, stream>>>(f, B, K, N, fv.sB, fv.sK, fv.sN, g, C, per_split, out);
+        }
+        FC_RETURN_IF_LAUNCH_ERROR();
+        if (used > 1) {
+          sum_partials_kernel<acc_t><<<grid_for(C * K, kMapThreads), kMapThreads, 0, stream>>>(
+              out, used, C * K, static_cast<acc_t*>(grad_weight));
+          FC_RETURN_IF_LAUNCH_ERROR();
+        }
+        return cudaSuccess;
+      }
+    }
     if (grad_weight && splits > 0) {
       const int64_t rows = B * N;
       // Rows per split: a multiple of the stage, so that only the last split has a ragged end.

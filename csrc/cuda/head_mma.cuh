@@ -20,6 +20,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -235,6 +236,89 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+  }
+  wmma::store_matrix_sync(&res[0][warp * 16], acc, kWTileK + 4, wmma::mem_row_major);
+  __syncthreads();
+  float* o = out + split_index * C * K;
+  for (int i = tid; i < kWTileC * kWTileK; i += kThreads) {
+    const int cc = i / kWTileK, kk = i % kWTileK;
+    const int64_t c = c0 + cc, k = k0 + kk;
+    if (c < C && k < K) o[c * K + k] = res[cc][kk];
+  }
+#endif
+}
+
+// ------------------------------------------------- dW = G F^T by whole images (experimental)
+
+// FASTCAM_CUDA_MMA=2 (not the default until a GPU run has measured it against
+// grad_weight_kernel above): the same sums with each split a range of whole images, so that no
+// row index is divided by N, F staged with 16-byte loads where its strides allow (VEC), and in
+// its own memory order (NCHW: [k][n], read as a column-major B; channels-last: [n][k]).
+// out[split, c, k] = sum over the images b of this split and every position n of
+// G[b, c, n] F[b, k, n]; blockIdx.x = channel tile, y = class tile, z = split.
+constexpr int kIRows = 32;  // positions per stage
+
+template <bool K_FAST, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+    grad_weight_images_kernel(const bf16* __restrict__ f, int64_t B, int64_t K, int64_t N, int64_t sB, int64_t sK,
+                              int64_t sN, const float* __restrict__ g, int64_t C, int64_t images_per_split,
+                              float* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using BLayout = std::conditional_t<K_FAST, wmma::row_major, wmma::col_major>;
+  constexpr int kFRows = K_FAST ? kIRows : kWTileK, kFCols = K_FAST ? kWTileK : kIRows;
+  __shared__ __align__(32) bf16 fs[kFRows][kFCols + 8];  // channels-last: r x k; NCHW: k x r
+  __shared__ __align__(32) bf16 gs[3][kWTileC][kIRows + 8];
+  __shared__ __align__(32) float res[kWTileC][kWTileK + 4];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kWTileK;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kWTileC;
+  const int64_t split_index = blockIdx.z;
+  const int64_t b_begin = split_index * images_per_split;
+  const int64_t b_end = b_begin + images_per_split < B ? b_begin + images_per_split : B;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const bf16* fb = f + b * sB;
+    const float* gb = g + b * C * N;
+    for (int64_t n0 = 0; n0 < N; n0 += kIRows) {
+      // F: 8 consecutive elements along the stride-1 dimension per item.
+      for (int i = tid; i < kFRows * (kFCols / 8); i += kThreads) {
+        const int row = i / (kFCols / 8), col = (i % (kFCols / 8)) * 8;
+        const int64_t k = K_FAST ? k0 + col : k0 + row;  // the first element's channel and position
+        const int64_t n = K_FAST ? n0 + row : n0 + col;
+        bf16* dst = &fs[row][col];
+        const bool whole = K_FAST ? (n < N && k + 8 <= K) : (k < K && n + 8 <= N);
+        if (VEC && whole) {
+          *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(fb + k * sK + n * sN);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int64_t ke = K_FAST ? k + e : k, ne = K_FAST ? n : n + e;
+            dst[e] = (ke < K && ne < N) ? fb[ke * sK + ne * sN] : __float2bfloat16_rn(0.0f);
+          }
+        }
+      }
+      for (int i = tid; i < kWTileC * kIRows; i += kThreads) {
+        const int cc = i / kIRows, rr = i % kIRows;
+        const int64_t c = c0 + cc, n = n0 + rr;
+        split<3>((c < C && n < N) ? gb[c * N + n] : 0.0f, &gs[0][cc][rr], kWTileC * (kIRows + 8));
+      }
+      __syncthreads();
+#pragma unroll
+      for (int rr0 = 0; rr0 < kIRows; rr0 += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, BLayout> f_frag;
+        // B (r x k): channels-last rows r at fs[r][k]; NCHW column k at fs[k][r].
+        wmma::load_matrix_sync(f_frag, K_FAST ? &fs[rr0][warp * 16] : &fs[warp * 16][rr0], kFCols + 8);
+#pragma unroll
+        for (int p = 2; p >= 0; --p) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> g_frag;
+          wmma::load_matrix_sync(g_frag, &gs[p][0][rr0], kIRows + 8);
+          wmma::mma_sync(acc, g_frag, f_frag, acc);
+        }
+      }
+      __syncthreads();
+    }
   }
   wmma::store_matrix_sync(&res[0][warp * 16], acc, kWTileK + 4, wmma::mem_row_major);
   __syncthreads();
