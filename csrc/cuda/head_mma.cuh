@@ -46,14 +46,6 @@ __device__ __forceinline__ void split(float x, bf16* parts, int stride) {
   }
 }
 
-__device__ __forceinline__ bool available() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return true;
-#else
-  return false;
-#endif
-}
-
 // ------------------------------------------------------------------ S = W F
 
 constexpr int kSTileC = 16, kSTileN = 64, kSTileK = 32;
