@@ -15,6 +15,7 @@
 
 #include <string>
 
+#include "cpu/amx.h"
 #include "cpu/bf16_gemm.h"
 
 // What this library was built against, set by setup.py / the JIT build (fastcam/_build.py).
@@ -53,6 +54,9 @@ TORCH_LIBRARY(fastcam, m) {
   // Whether the CPU kernels compute S = W F of bf16 features on the CPU's bf16 matrix units
   // here (csrc/cpu/bf16_gemm.h); FASTCAM_CPU_BF16_GEMM=0 turns that off.
   m.def("cpu_bf16_gemm() -> bool", &fastcam::cpu::bf16_gemm_available);
+  // Whether that runs on this library's own AMX kernels (csrc/cpu/amx.h) rather than ATen's
+  // brgemm; FASTCAM_CPU_AMX=0 turns them off.
+  m.def("cpu_amx() -> bool", &fastcam::cpu::amx::available);
   // logits [B, C] (acc), scores S = W F [B, C, N] (acc), cams = normalize(S) [B, C, N] (acc).
   m.def(
       "cam_head(Tensor features, Tensor weight, Tensor? bias, str normalize, float temperature, "

@@ -96,7 +96,8 @@ def _probe() -> dict[str, BackendInfo]:
     triton_devices = ("cuda", "cpu") if interpret else ("cuda",)
     cpu_version = compiled_version
     if built is not None and torch.ops.fastcam.cpu_bf16_gemm():
-        cpu_version += "; bf16 features on the CPU's bf16 matrix units"
+        units = "AMX tiles, fastcam's kernels" if torch.ops.fastcam.cpu_amx() else "bf16 matrix units, ATen's brgemm"
+        cpu_version += f"; bf16 features on the CPU's {units}"
     return {
         "torch": BackendInfo("torch", True, ("cpu", "cuda"), torch.__version__),
         "cpu": BackendInfo("cpu", built is not None, ("cpu",), cpu_version, ext_reason or ""),

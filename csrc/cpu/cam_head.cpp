@@ -149,8 +149,13 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
       }
     });
   });
-  // The GEMM images, one at a time with BLAS on every thread. (An image per thread, each with
-  // its own dW accumulator, measured no faster at batch 4-8.)
+  // The GEMM images with every map weighted, for bf16 features: on the AMX tiles where it has
+  // them (bf16_gemm.h). The others, or all where that does not run, one at a time with BLAS on
+  // every thread. (An image per thread, each with its own dW accumulator, measured no faster
+  // at batch 4-8.)
+  std::vector<int64_t> dense, rest;
+  for (const int64_t b : gemm_images) (int64_t(rows[b].size()) == C ? dense : rest).push_back(b);
+  if (!dense.empty() && grad_images_bf16(features, w, gm, dense, v, df, dw)) gemm_images = rest;
   for (const int64_t b : gemm_images) {
     const int64_t nr = int64_t(rows[b].size());
     const at::Tensor fb = dw.defined() ? chunk_as_acc(features, b, b + 1, w.scalar_type())[0] : at::Tensor();
@@ -177,7 +182,7 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
     TORCH_INTERNAL_ASSERT(cols_out == 1 || (channels_last ? df.stride(1) : df.stride(2)) == 1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, df.scalar_type(), "fastcam_head_bwd_store", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      store_plus(product.const_data_ptr<acc_t>(), rows_out, cols_out,
+      store_plus(product.const_data_ptr<acc_t>(), rows_out, cols_out, cols_out,
                  v.defined() ? v.const_data_ptr<acc_t>() + b * K : nullptr, !channels_last,
                  df.mutable_data_ptr<scalar_t>() + b * df.stride(0), ld);
     });

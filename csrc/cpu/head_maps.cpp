@@ -167,9 +167,10 @@ void direct_impl(const T* f, int64_t sk, int64_t sn, T* df, int64_t dsk, int64_t
 }
 
 template <typename T, typename A>
-void store_plus_impl(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld) {
+void store_plus_impl(const A* p, int64_t rows, int64_t cols, int64_t ldp, const A* v, bool v_per_row, T* out,
+                     int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    const A* __restrict src = p + r * cols;
+    const A* __restrict src = p + r * ldp;
     T* __restrict dst = out + r * ld;
     if (!v) {
 #pragma omp simd
@@ -189,15 +190,15 @@ void store_plus_impl(const A* p, int64_t rows, int64_t cols, const A* v, bool v_
 }  // namespace
 
 #define FC_STORE_PLUS(T, A)                                                                                      \
-  FC_MULTIVERSION FC_FLATTEN void store_plus(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, \
-                                             T* out, int64_t ld) {                                               \
-    store_plus_impl(p, rows, cols, v, v_per_row, out, ld);                                                       \
+  FC_MULTIVERSION FC_FLATTEN void store_plus(const A* p, int64_t rows, int64_t cols, int64_t ldp, const A* v, \
+                                             bool v_per_row, T* out, int64_t ld) {                             \
+    store_plus_impl(p, rows, cols, ldp, v, v_per_row, out, ld);                                                \
   }
 FC_FLOAT_ACC_TYPES(FC_STORE_PLUS)
 #undef FC_STORE_PLUS
-void store_plus(const double* p, int64_t rows, int64_t cols, const double* v, bool v_per_row, double* out,
-                int64_t ld) {
-  store_plus_impl(p, rows, cols, v, v_per_row, out, ld);
+void store_plus(const double* p, int64_t rows, int64_t cols, int64_t ldp, const double* v, bool v_per_row,
+                double* out, int64_t ld) {
+  store_plus_impl(p, rows, cols, ldp, v, v_per_row, out, ld);
 }
 
 FC_MULTIVERSION FC_FLATTEN void head_maps_forward(const float* s, float* cams, float* logits, const float* bias, int64_t first,

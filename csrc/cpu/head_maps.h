@@ -47,11 +47,12 @@ void head_maps_backward(const double* gc, const double* s, const double* cams, d
 FC_FEATURE_TYPES(FC_DIRECT_BACKWARD)
 #undef FC_DIRECT_BACKWARD
 
-// out[r * ld + c] = p[r * cols + c] + (v ? v[v_per_row ? r : c] : 0) for a [rows, cols] block
+// out[r * ld + c] = p[r * ldp + c] + (v ? v[v_per_row ? r : c] : 0) for a [rows, cols] block
 // p, written in the features' type (bf16 rounded to nearest even): one image's dF from its
 // GEMM product, the logits' part v added on the way.
-#define FC_STORE_PLUS(T, A)                                                                                \
-  void store_plus(const A* p, int64_t rows, int64_t cols, const A* v, bool v_per_row, T* out, int64_t ld);
+#define FC_STORE_PLUS(T, A)                                                                                    \
+  void store_plus(const A* p, int64_t rows, int64_t cols, int64_t ldp, const A* v, bool v_per_row, T* out, \
+                  int64_t ld);
 FC_FEATURE_TYPES(FC_STORE_PLUS)
 #undef FC_STORE_PLUS
 
