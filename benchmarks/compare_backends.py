@@ -5,7 +5,8 @@ speed-up over the reference, on the SPEC §5 shapes.
     python benchmarks/compare_backends.py --batch 64      # any batch (the SPEC's on a GPU: --spec)
     python benchmarks/compare_backends.py --tiny --reps 200   # the fixed cost of a step
 
-Wall-clock medians (CUDA-synchronized on a GPU); the pytest-benchmark suite next to this
+Wall-clock medians (CUDA-synchronized on a GPU), the backends run in turn within each round
+and the speed-up the median of the rounds' ratios; the pytest-benchmark suite next to this
 file measures the same step with statistics. The backward computes the gradients of F, W
 and b with torch.autograd.grad, as in training where F comes from the backbone: no
 accumulation into a leaf's .grad is timed.
@@ -41,6 +42,30 @@ def median_ms(fn, device, reps):
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def interleaved_ms(steps, device, reps):
+    """Median ms of each step and median speed-up over the reference's, the steps run in turn
+    (one of each per round): the VM's speed drifts by 10-30% within minutes, which moves blocks
+    of repetitions measured one after the other, not the ratio within a round."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    sync()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    ratios = {name: median([t / s for t, s in zip(times["torch"], ts)]) for name, ts in times.items()}
+    return {name: median(ts) * 1e3 for name, ts in times.items()}, ratios
 
 
 def steady_allocator() -> bool:
@@ -99,16 +124,17 @@ def main():
         for shape in shapes:
             shape = shape if batch is None else shape.scaled(batch)
             f, w, b, labels, mask = make_inputs(shape, device=device)
-            times = {}
+            steps = {}
             for name in backends:
                 def step(name=name, f=f, w=w, b=b, labels=labels, mask=mask):
                     out = fastcam.attention_loss(f, w, b, labels, mask, backend=name)
                     torch.autograd.grad(out.loss, (f, w, b))  # the gradients, not accumulated into .grad
 
-                times[name] = median_ms(step, device, args.reps)
+                steps[name] = step
+            times, ratios = interleaved_ms(steps, device, args.reps)
             floor = gemm_floor_ms(shape, device, args.reps)
             print(f"{shape.name:24s} {shape.B:4d} " + " ".join(f"{times[n]:10.3f}" for n in backends)
-                  + "".join(f" {times['torch'] / times[n]:8.2f}" for n in backends if n != "torch")
+                  + "".join(f" {ratios[n]:8.2f}" for n in backends if n != "torch")
                   + f" {floor:9.3f} {times['torch'] / floor:7.2f}")
 
 
