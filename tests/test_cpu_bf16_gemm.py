@@ -180,17 +180,18 @@ def test_backward_gemm_images_match_fp64(case, monkeypatch):
         assert not torch.equal(results["amx"][1], results["fp32"][1])
 
 
-@pytest.mark.parametrize("layout", ["nchw", "tokens"])
-def test_backward_gemm_images_with_an_infinite_feature(layout, monkeypatch):
+@pytest.mark.parametrize("layout,H,W,where", [
+    ("nchw", 4, 8, (1, 3, 2, 2)),
+    ("nchw", 7, 7, (1, 4, 0, 0)),  # the first value of a row, which the tiles also read for the row before
+    ("tokens", 4, 8, (1, 5, 3)),
+])  # fmt: skip
+def test_backward_gemm_images_with_an_infinite_feature(layout, H, W, where, monkeypatch):
     # An infinite feature: the parts' products could add up to NaN where fp32 gives inf; the
     # tiles' dW block holding it is recomputed in fp32, so both paths agree value for value.
-    feats, weight = _inputs(layout, 2, 12, 32, 4, 8)
-    if layout == "nchw":
-        feats[1, 3, 2, 2] = float("inf")
-    else:
-        feats[1, 5, 3] = float("-inf")
+    feats, weight = _inputs(layout, 2, 12, 32, H, W)
+    feats[where] = float("inf") if layout == "nchw" else float("-inf")
     g = torch.Generator().manual_seed(8)
-    gl, gc = torch.randn(2, 12, generator=g), torch.randn(2, 12, 32, generator=g)
+    gl, gc = torch.randn(2, 12, generator=g), torch.randn(2, 12, H * W, generator=g)
     amx = _head_backward(feats, weight, monkeypatch, "amx", gl, gc)
     fp32 = _head_backward(feats, weight, monkeypatch, "fp32", gl, gc)
     assert torch.isfinite(fp32[0]).all() and not torch.isfinite(fp32[1]).all()  # dF = W^T G does not read F

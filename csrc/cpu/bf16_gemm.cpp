@@ -347,189 +347,253 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   return done;
 }
 
-// The backward's GEMM images on the tiles. With P = 3C parts and, for dF, the inner dimension
-// (W_hi | W_hi | W_mid)^T against (G_hi; G_mid; G_hi) (error ~2^-16 of |W||G|, far below dF's
-// bf16 rounding), the operands padded with zeros to the tiles' multiples:
-//   NCHW (F[b] is [K, N]):        dW^T parts [K, P] += F[b] [K, N] x G parts^T [N, P]
-//                                 dF[b] [K, N] = W parts^T [K, P'] x G parts [P', N]
-//   channels-last (F[b] [N, K]):  dW parts [P, K] += G parts [P, N] x F[b] [N, K]
-//                                 dF[b]^T [N, K] = G parts^T [N, P'] x W parts [P', K]
+bool TilesBackward::any() const {
+  return weights || std::any_of(dense.begin(), dense.end(), [](char d) { return d != 0; });
+}
+
+TilesBackward tiles_backward_plan(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                                  const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0,
+                                  const at::Tensor& df, const at::Tensor& dw, int64_t dense_above) {
+  TilesBackward plan;
+  plan.dense.assign(features.size(0), 0);
+  if ((!df.defined() && !dw.defined()) || !amx::available() || features.scalar_type() != at::kBFloat16 ||
+      w.scalar_type() != at::kFloat)
+    return plan;
+  const int64_t B = features.size(0), K = features.size(1), N = features.size(2), C = w.size(0);
+  if (K % 16 != 0 || N == 0 || C == 0 || B == 0) return plan;
+  const int64_t sk = features.stride(1), sn = features.stride(2);
+  const bool nchw = sn == 1;
+  if (!nchw && sk != 1) return plan;
+  if (df.defined() && !(nchw ? df.stride(2) == 1 || N == 1 : df.stride(1) == 1)) return plan;
+  TORCH_INTERNAL_ASSERT(w.is_contiguous() && (!gm.defined() || gm.is_contiguous()) &&
+                        (!g0.defined() || g0.is_contiguous()));
+  // Non-finite operands: the parts' products could add up to NaN where fp32 gives inf.
+  if (!all_finite(w.const_data_ptr<float>(), C * K)) return plan;
+  if (g0.defined() && !all_finite(g0.const_data_ptr<float>(), B * C)) return plan;
+  for (int64_t b = 0; b < B; ++b)
+    for (const int64_t c : rows[b])
+      if (!all_finite(gm.const_data_ptr<float>() + (b * C + c) * N, N)) return plan;
+  for (int64_t b = 0; b < B; ++b) plan.dense[b] = int64_t(rows[b].size()) == C && C > dense_above;
+  plan.weights = nchw && dw.defined();
+  return plan;
+}
+
+// With P = 3C parts and, for dF, the inner dimension (W_hi | W_hi | W_mid)^T against
+// (G_hi; G_mid; G_hi) (error ~2^-16 of |W||G|, far below dF's bf16 rounding), the operands
+// padded with zeros to the tiles' multiples:
+//   NCHW (F[b] is [K, N]): dW^T [K, 3r + 1] = F[b] [K, N] x (G parts of the r weighted rows | 1)^T,
+//                          the last column Fsum[b]; the F rows read as they lie
+//                          dF[b] [K, N] = W parts^T [K, P'] x G parts [P', N]          (dense images)
+//   channels-last (F[b] [N, K]): dW parts [P, K] += G parts [P, N] x F[b] [N, K]       (dense images)
+//                          dF[b]^T [N, K] = G parts^T [N, P'] x W parts [P', K]        (dense images)
 // in one parallel region over blocks of 64 channels: each task owns its channels of dW and dF
 // (no atomics; the sums' order does not depend on the threads) and prepares its block of the
-// weight operand once for all images. The parts of dW are added up at the end.
-bool grad_images_bf16(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
-                      const std::vector<int64_t>& images, const at::Tensor& v, at::Tensor& df, at::Tensor& dw) {
-  const int64_t I = int64_t(images.size());
-  if (I == 0 || !amx::available() || features.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat ||
-      gm.scalar_type() != at::kFloat || (!df.defined() && !dw.defined()))
-    return false;
-  const int64_t K = features.size(1), N = features.size(2), C = w.size(0);
-  if (K % 16 != 0 || N == 0 || C == 0) return false;
+// weight operand once for all images.
+void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                         const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, const at::Tensor& v,
+                         at::Tensor& df, at::Tensor& dw, const TilesBackward& plan) {
+  const int64_t B = features.size(0), K = features.size(1), N = features.size(2), C = w.size(0);
   const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
   const bool nchw = sn == 1;
-  if (!nchw && sk != 1) return false;
-  if (df.defined() && !(nchw ? df.stride(2) == 1 || N == 1 : df.stride(1) == 1)) return false;
-  TORCH_INTERNAL_ASSERT(w.is_contiguous() && gm.is_contiguous() && (!v.defined() || v.is_contiguous()));
   const float* wp = w.const_data_ptr<float>();
-  const float* gp = gm.const_data_ptr<float>();
-  // Non-finite operands: the parts' products could add up to NaN where fp32 gives inf.
-  if (!all_finite(wp, C * K)) return false;
-  for (const int64_t b : images)
-    if (!all_finite(gp + b * C * N, C * N)) return false;
+  const float* gp = gm.defined() ? gm.const_data_ptr<float>() : nullptr;
+  const float* g0p = g0.defined() ? g0.const_data_ptr<float>() : nullptr;
   const int64_t P = kParts * C, M3 = amx::round_up(P, 16), I3 = amx::round_up(P, 32);
   const int64_t Np32 = amx::round_up(N, 32), Np16 = amx::round_up(N, 16);
-  // The bf16 parts of W [3][C][ld] and of each image's G [3][C][N].
-  const int64_t ldw = K;
-  std::vector<uint16_t> wparts(kParts * C * ldw), gparts(I * kParts * C * N);
-  split_values(wp, C * K, wparts.data(), wparts.data() + C * K, wparts.data() + 2 * C * K);
-  at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      uint16_t* g = gparts.data() + i * kParts * C * N;
-      split_values(gp + images[i] * C * N, C * N, g, g + C * N, g + 2 * C * N);
+  // The images each part takes: dF of the dense ones (every map weighted); dW of every image
+  // with a weighted map or a logits' gradient (NCHW), else of the dense ones (channels-last).
+  std::vector<int64_t> dense, weighted;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool is_dense = plan.dense[b];
+    if (is_dense) dense.push_back(b);
+    if (plan.weights ? !rows[b].empty() || g0p : is_dense && dw.defined()) weighted.push_back(b);
+  }
+  const bool do_df = df.defined() && !dense.empty();
+  // The bf16 parts of W [3][C][K] and of the weighted rows of G: for image b, offset goff[b],
+  // [3][rows][N].
+  std::vector<uint16_t> wparts(do_df ? kParts * C * K : 0);
+  if (do_df) split_values(wp, C * K, wparts.data(), wparts.data() + C * K, wparts.data() + 2 * C * K);
+  std::vector<int64_t> goff(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) goff[b + 1] = goff[b] + kParts * int64_t(rows[b].size()) * N;
+  std::vector<uint16_t> gparts(goff[B]);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t nr = int64_t(rows[b].size());
+      uint16_t* out = gparts.data() + goff[b];
+      for (int64_t r = 0; r < nr; ++r)
+        split_values(gp + (b * C + rows[b][r]) * N, N, out + r * N, out + (nr + r) * N, out + (2 * nr + r) * N);
     }
   });
-  auto wpart = [&](int64_t p, int64_t c) { return wparts.data() + (p * C + c) * ldw; };
-  auto gpart = [&](int64_t i, int64_t p, int64_t c) { return gparts.data() + ((i * kParts + p) * C + c) * N; };
+  auto gpart = [&](int64_t b, int64_t p, int64_t r) {
+    return gparts.data() + goff[b] + (p * int64_t(rows[b].size()) + r) * N;
+  };
+  auto wpart = [&](int64_t p, int64_t c) { return wparts.data() + (p * C + c) * K; };
   // Row j of dF's inner dimension: (hi, hi, mid) of W against (hi, mid, hi) of G, class j % C.
   constexpr int64_t kWPart[3] = {0, 0, 1}, kGPart[3] = {0, 1, 0};
-  // The G operands of every image, in the layouts above.
-  //   NCHW: gw[i] = VNNI of the G parts^T [Np32 / 2][M3]; gd[i] = VNNI of dF's G rows [I3 / 2][Np16].
-  //   channels-last: gw[i] = the G parts [M3][Np32]; gd[i] = dF's G rows^T [Np16][I3].
-  // Zero-filled first (the padding), then written by blocks of 16 rows of G parts in parallel.
-  const int64_t gw_size = nchw ? (Np32 / 2) * M3 * 2 : M3 * Np32, gd_size = nchw ? (I3 / 2) * Np16 * 2 : Np16 * I3;
-  std::vector<uint16_t> gw(dw.defined() ? I * gw_size : 0, 0), gd(df.defined() ? I * gd_size : 0, 0);
-  const int64_t row_blocks = (P + 15) / 16;
-  at::parallel_for(0, I * row_blocks, grain(16 * N), [&](int64_t t0, int64_t t1) {
-    const uint16_t* rows[16];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / row_blocks, j0 = (t % row_blocks) * 16, jn = std::min<int64_t>(16, P - j0);
-      if (dw.defined()) {  // rows j0.. of the G parts (part j / C of class j % C)
-        uint16_t* out = gw.data() + i * gw_size;
-        for (int64_t j = 0; j < jn; ++j) rows[j] = gpart(i, (j0 + j) / C, (j0 + j) % C);
-        if (nchw)
-          transpose_pairs(rows, jn, N, reinterpret_cast<uint32_t*>(out) + j0, M3);
-        else
-          for (int64_t j = 0; j < jn; ++j) std::memcpy(out + (j0 + j) * Np32, rows[j], N * sizeof(uint16_t));
+  // The G operands, zero-filled first (the padding):
+  //   dW, NCHW: VNNI of (G parts | 1)^T [Np32 / 2][wcols[b]]; channels-last: G parts [M3][Np32].
+  //   dF: NCHW VNNI of dF's G rows [I3 / 2][Np16]; channels-last dF's G rows^T [Np16][I3].
+  std::vector<int64_t> wcols(B, 0), woff(B + 1, 0);
+  for (const int64_t b : weighted)
+    wcols[b] = nchw ? amx::round_up(kParts * int64_t(rows[b].size()) + (g0p ? 1 : 0), 16) : M3;
+  for (int64_t b = 0; b < B; ++b) woff[b + 1] = woff[b] + (nchw ? (Np32 / 2) * wcols[b] * 2 : wcols[b] * Np32);
+  const int64_t gd_size = nchw ? (I3 / 2) * Np16 * 2 : Np16 * I3;
+  std::vector<uint16_t> gw(woff[B], 0), gd(do_df ? B * gd_size : 0, 0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    const uint16_t* src[16];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t nr = int64_t(rows[b].size()), np = kParts * nr;
+      if (wcols[b] > 0) {
+        uint16_t* out = gw.data() + woff[b];
+        for (int64_t j0 = 0; j0 < np; j0 += 16) {  // rows j0.. of the parts (part j / nr of row j % nr)
+          const int64_t jn = std::min<int64_t>(16, np - j0);
+          for (int64_t j = 0; j < jn; ++j) src[j] = gpart(b, (j0 + j) / nr, (j0 + j) % nr);
+          if (nchw)
+            transpose_pairs(src, jn, N, reinterpret_cast<uint32_t*>(out) + j0, wcols[b]);
+          else
+            for (int64_t j = 0; j < jn; ++j) std::memcpy(out + (j0 + j) * Np32, src[j], N * sizeof(uint16_t));
+        }
+        if (nchw && g0p) {  // the column of ones, after the parts: Fsum[b]
+          auto* ones = reinterpret_cast<uint32_t*>(out) + np;
+          constexpr uint32_t kOne = 0x3f80;  // 1.0 in bf16
+          for (int64_t n = 0; n < N; n += 2) ones[(n / 2) * wcols[b]] = kOne | (n + 1 < N ? kOne << 16 : 0);
+        }
       }
-      if (df.defined()) {  // rows j0.. of dF's G operand: (hi, mid, hi)[j / C] of class j % C
-        uint16_t* out = gd.data() + i * gd_size;
-        for (int64_t j = 0; j < jn; ++j) rows[j] = gpart(i, kGPart[(j0 + j) / C], (j0 + j) % C);
-        if (nchw)
-          for (int64_t j = 0; j < jn; j += 2)  // pair row (j0 + j) / 2: j0 is even
-            interleave(rows[j], j + 1 < jn ? rows[j + 1] : nullptr, N,
-                       reinterpret_cast<uint32_t*>(out) + (j0 + j) / 2 * Np16);
-        else
-          transpose_rows(rows, jn, N, out + j0, I3);
+      if (do_df && plan.dense[b]) {
+        uint16_t* out = gd.data() + b * gd_size;
+        for (int64_t j0 = 0; j0 < P; j0 += 16) {  // dF's G rows: (hi, mid, hi)[j / C] of class j % C
+          const int64_t jn = std::min<int64_t>(16, P - j0);
+          for (int64_t j = 0; j < jn; ++j) src[j] = gpart(b, kGPart[(j0 + j) / C], (j0 + j) % C);
+          if (nchw)
+            for (int64_t j = 0; j < jn; j += 2)  // pair row (j0 + j) / 2: j0 is even
+              interleave(src[j], j + 1 < jn ? src[j + 1] : nullptr, N,
+                         reinterpret_cast<uint32_t*>(out) + (j0 + j) / 2 * Np16);
+          else
+            transpose_rows(src, jn, N, out + j0, I3);
+        }
       }
     }
   });
-  // dW's parts: NCHW [K][M3], channels-last [M3][K].
-  std::vector<float> dw_parts(dw.defined() ? K * M3 : 0);
   const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<c10::BFloat16>());
   auto* dfp = df.defined() ? df.mutable_data_ptr<c10::BFloat16>() : nullptr;
-  const float* vp = v.defined() ? v.const_data_ptr<float>() : nullptr;
-  // dW[c, k0:k0 + kb] += (hi + mid) + lo of the block's parts, while they are in this thread's
-  // cache. A sum that is not finite (an infinite feature: the parts' products can add up to NaN
-  // where the fp32 product is infinite) has this block of dW computed again in fp32 instead.
   float* dwp = dw.defined() ? dw.mutable_data_ptr<float>() : nullptr;
-  auto add_parts = [&](int64_t k0, int64_t kb) {
-    thread_local std::vector<float> sums;
-    float* sum = thread_buffer(sums, kb * C);
-    bool finite = true;
-    if (nchw) {  // parts [k][M3]: the three parts of a channel's classes are contiguous
-      for (int64_t k = 0; k < kb; ++k) {
-        const float* row = dw_parts.data() + (k0 + k) * M3;
-        finite = add3(row, row + C, row + 2 * C, C, sum + k * C) && finite;
-      }
-      if (finite)
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t k = 0; k < kb; ++k) dwp[c * K + k0 + k] += sum[k * C + c];
-    } else {  // parts [M3][K]
-      for (int64_t c = 0; c < C; ++c) {
-        const float* hi = dw_parts.data() + c * K + k0;
-        finite = add3(hi, hi + C * K, hi + 2 * C * K, kb, sum + c * kb) && finite;
-      }
-      if (finite)
-        for (int64_t c = 0; c < C; ++c) axpy(dwp + c * K + k0, sum + c * kb, 1.f, kb);
-    }
-    if (finite) return;
-    std::vector<const float*> g(C);
-    std::vector<int64_t> all(C);
-    for (int64_t c = 0; c < C; ++c) all[c] = c;
-    for (const int64_t b : images) {
-      for (int64_t c = 0; c < C; ++c) g[c] = gp + (b * C + c) * N;
-      direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp,
-                            g.data(), all.data(), C, nullptr, dwp, nullptr, k0, k0 + kb);
-    }
-  };
+  const float* vp = v.defined() ? v.const_data_ptr<float>() : nullptr;
+  // Elements readable from f: a row's tile reads run Np32 - N values into the next row, which
+  // the zero rows of the G operand cancel; past the storage's end they are copied instead.
+  const int64_t readable = int64_t(features.storage().nbytes() / sizeof(uint16_t)) - features.storage_offset();
+  // NCHW: Fsum[b] per image (the column of ones); channels-last: dW's parts [M3][K] over the dense images.
+  std::vector<float> fsum(nchw && g0p ? B * K : 0), dw_parts(!nchw && dw.defined() && !weighted.empty() ? M3 * K : 0);
   constexpr int64_t kChannels = 64;
   const int64_t blocks = (K + kChannels - 1) / kChannels;
-  const int64_t per_block = I * kChannels * ((dw.defined() ? M3 * Np32 : 0) + (df.defined() ? Np16 * I3 : 0));
-  at::parallel_for(0, blocks, gemm_grain(per_block), [&](int64_t t0, int64_t t1) {
+  int64_t work = 0;  // multiply-adds of a block
+  for (const int64_t b : weighted) work += kChannels * wcols[b] * Np32;
+  if (do_df) work += int64_t(dense.size()) * kChannels * Np16 * I3;
+  at::parallel_for(0, blocks, gemm_grain(work), [&](int64_t t0, int64_t t1) {
     thread_local std::vector<uint16_t> wblock, fblock;
-    thread_local std::vector<float> dfblock;
+    thread_local std::vector<float> dfblock, cblock, sums;
+    const uint16_t* src[16];
     amx::Tiles tiles;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kChannels, kb = std::min(kChannels, K - k0);
       // This block's W operand for dF: NCHW W parts^T [kb][I3]; channels-last VNNI [I3 / 2][kb].
       uint16_t* wb = nullptr;
-      if (df.defined()) {
+      if (do_df) {
         wb = thread_buffer(wblock, kb * I3);
         std::fill(wb, wb + kb * I3, uint16_t(0));
-        const uint16_t* rows[16];
         for (int64_t j0 = 0; j0 < P; j0 += 16) {
           const int64_t jn = std::min<int64_t>(16, P - j0);
-          for (int64_t j = 0; j < jn; ++j) rows[j] = wpart(kWPart[(j0 + j) / C], (j0 + j) % C) + k0;
+          for (int64_t j = 0; j < jn; ++j) src[j] = wpart(kWPart[(j0 + j) / C], (j0 + j) % C) + k0;
           if (nchw)
-            transpose_rows(rows, jn, kb, wb + j0, I3);
+            transpose_rows(src, jn, kb, wb + j0, I3);
           else
             for (int64_t j = 0; j < jn; j += 2)
-              interleave(rows[j], j + 1 < jn ? rows[j + 1] : nullptr, kb, reinterpret_cast<uint32_t*>(wb) + (j0 + j) / 2 * kb);
+              interleave(src[j], j + 1 < jn ? src[j + 1] : nullptr, kb, reinterpret_cast<uint32_t*>(wb) + (j0 + j) / 2 * kb);
         }
       }
-      float* dfb = df.defined() ? thread_buffer(dfblock, kb * Np16) : nullptr;
-      for (int64_t i = 0; i < I; ++i) {
-        const int64_t b = images[i];
+      for (int64_t i = 0; i < int64_t(weighted.size()); ++i) {
+        const int64_t b = weighted[i], nr = int64_t(rows[b].size());
         const uint16_t* fb = f + b * sb;
-        if (dw.defined()) {
-          if (nchw) {
-            // A = F[b]'s rows k0..k0 + kb, read as they lie when a row is whole 32-value steps.
-            const uint16_t* a = fb + k0 * sk;
-            int64_t lda = sk;
-            if (N % 32 != 0) {
-              uint16_t* pa = thread_buffer(fblock, kb * Np32);
-              for (int64_t k = 0; k < kb; ++k) {
-                std::memcpy(pa + k * Np32, a + k * sk, N * sizeof(uint16_t));
-                std::fill(pa + k * Np32 + N, pa + (k + 1) * Np32, uint16_t(0));
-              }
-              a = pa, lda = Np32;
-            }
-            amx::gemm(kb, M3, Np32, a, lda, reinterpret_cast<const uint32_t*>(gw.data() + i * gw_size), M3,
-                      dw_parts.data() + k0 * M3, M3, i > 0);
-          } else {
-            // B = F[b]'s columns k0..k0 + kb in pairs of positions.
-            uint32_t* pb = reinterpret_cast<uint32_t*>(thread_buffer(fblock, Np32 * kb));
-            pack_pairs(fb + k0, N, kb, sn, Np32 / 2, kb, pb, kb);
-            amx::gemm(M3, kb, Np32, gw.data() + i * gw_size, Np32, pb, kb, dw_parts.data() + k0, K, i > 0);
-          }
+        const auto* gwb = reinterpret_cast<const uint32_t*>(gw.data() + woff[b]);
+        if (!nchw) {  // B = F[b]'s columns k0..k0 + kb in pairs of positions; the dense images' parts summed
+          uint32_t* pb = reinterpret_cast<uint32_t*>(thread_buffer(fblock, Np32 * kb));
+          pack_pairs(fb + k0, N, kb, sn, Np32 / 2, kb, pb, kb);
+          amx::gemm(M3, kb, Np32, gw.data() + woff[b], Np32, pb, kb, dw_parts.data() + k0, K, i > 0);
+          continue;
         }
-        if (df.defined()) {
-          const float* vb = vp ? vp + b * K + k0 : nullptr;
-          if (nchw) {
-            amx::gemm(kb, Np16, I3, wb, I3, reinterpret_cast<const uint32_t*>(gd.data() + i * gd_size), Np16, dfb, Np16,
-                      false);
-            store_plus(dfb, kb, N, Np16, vb, true, dfp + b * df.stride(0) + k0 * df.stride(1), df.stride(1));
-          } else {
-            amx::gemm(Np16, kb, I3, gd.data() + i * gd_size, I3, reinterpret_cast<const uint32_t*>(wb), kb, dfb, kb,
-                      false);
-            store_plus(dfb, N, kb, kb, vb, false, dfp + b * df.stride(0) + k0, df.stride(2));
+        // A = F[b]'s rows k0..k0 + kb as they lie, or copied where the reads would pass the storage's end.
+        const uint16_t* a = fb + k0 * sk;
+        int64_t lda = sk;
+        if (b * sb + (k0 + kb - 1) * sk + Np32 > readable) {
+          uint16_t* pa = thread_buffer(fblock, kb * Np32);
+          for (int64_t k = 0; k < kb; ++k) {
+            std::memcpy(pa + k * Np32, a + k * sk, N * sizeof(uint16_t));
+            std::fill(pa + k * Np32 + N, pa + (k + 1) * Np32, uint16_t(0));
+          }
+          a = pa, lda = Np32;
+        }
+        const int64_t ld = wcols[b];
+        float* cb = thread_buffer(cblock, kb * ld);
+        amx::gemm(kb, ld, Np32, a, lda, gwb, ld, cb, ld, false);
+        if (all_finite(cb, kb * ld)) {
+          // dW[row r, k] += (hi + mid) + lo; Fsum[b, k] from the column of ones.
+          for (int64_t r = 0; r < nr; ++r) {
+            float* out = dwp + rows[b][r] * K + k0;
+            for (int64_t k = 0; k < kb; ++k) out[k] += (cb[k * ld + r] + cb[k * ld + nr + r]) + cb[k * ld + 2 * nr + r];
+          }
+          if (g0p)
+            for (int64_t k = 0; k < kb; ++k) fsum[b * K + k0 + k] = cb[k * ld + 3 * nr];
+        } else {
+          // A sum that is not finite (an infinite or NaN feature, or one in the next row's first
+          // values that the tiles read): this block of image b again in fp32, by direct loops.
+          std::vector<const float*> g(nr);
+          for (int64_t r = 0; r < nr; ++r) g[r] = gp + (b * C + rows[b][r]) * N;
+          direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp,
+                                g.data(), rows[b].data(), nr, nullptr, dwp, g0p ? fsum.data() + b * K : nullptr, k0,
+                                k0 + kb);
+        }
+      }
+      // NCHW: dW[c, k] += g0[b, c] Fsum[b, k], in a fixed order of images.
+      if (nchw && g0p && dwp)
+        for (int64_t c = 0; c < C; ++c)
+          for (const int64_t b : weighted) axpy(dwp + c * K + k0, fsum.data() + b * K + k0, g0p[b * C + c], kb);
+      // Channels-last: dW[c, k] += (hi + mid) + lo of the dense images' summed parts, unless a sum
+      // is not finite (an infinite feature): then this block of each dense image again in fp32.
+      if (!nchw && !weighted.empty()) {
+        float* sum = thread_buffer(sums, kb * C);
+        bool finite = true;
+        for (int64_t c = 0; c < C; ++c) {
+          const float* hi = dw_parts.data() + c * K + k0;
+          finite = add3(hi, hi + C * K, hi + 2 * C * K, kb, sum + c * kb) && finite;
+        }
+        if (finite) {
+          for (int64_t c = 0; c < C; ++c) axpy(dwp + c * K + k0, sum + c * kb, 1.f, kb);
+        } else {
+          std::vector<const float*> g(C);
+          std::vector<int64_t> all(C);
+          for (int64_t c = 0; c < C; ++c) all[c] = c;
+          for (const int64_t b : weighted) {
+            for (int64_t c = 0; c < C; ++c) g[c] = gp + (b * C + c) * N;
+            direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp,
+                                  g.data(), all.data(), C, nullptr, dwp, nullptr, k0, k0 + kb);
           }
         }
       }
-      if (dw.defined()) add_parts(k0, kb);
+      if (!do_df) continue;
+      float* dfb = thread_buffer(dfblock, kb * Np16);
+      for (const int64_t b : dense) {
+        const float* vb = vp ? vp + b * K + k0 : nullptr;
+        if (nchw) {
+          amx::gemm(kb, Np16, I3, wb, I3, reinterpret_cast<const uint32_t*>(gd.data() + b * gd_size), Np16, dfb, Np16,
+                    false);
+          store_plus(dfb, kb, N, Np16, vb, true, dfp + b * df.stride(0) + k0 * df.stride(1), df.stride(1));
+        } else {
+          amx::gemm(Np16, kb, I3, gd.data() + b * gd_size, I3, reinterpret_cast<const uint32_t*>(wb), kb, dfb, kb,
+                    false);
+          store_plus(dfb, N, kb, kb, vb, false, dfp + b * df.stride(0) + k0, df.stride(2));
+        }
+      }
     }
   });
-  return true;
 }
 
 }  // namespace fastcam::cpu

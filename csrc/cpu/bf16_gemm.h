@@ -27,14 +27,28 @@ bool bf16_gemm_available();
 // computes those in fp32.
 std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, at::Tensor& scores);
 
-// The head backward's GEMMs for the images `images` whose every map is weighted (the unlabeled
-// ones), on the AMX tiles (amx.h), for bf16 features NCHW or channels-last/tokens with K a
-// multiple of 16: dW += sum_b G[b] F[b]^T (fp32 [C, K], if defined), and dF[b] = W^T G[b] + v[b] 1^T
-// written in bf16 (if df is defined; v [B, K] may be undefined). gm [B, C, N], w [C, K] and v
-// fp32 contiguous. Returns false, with nothing written, where it cannot run (no tiles, another
-// layout or type) or W or a G is not finite: the caller then computes them on its fp32 path.
-// (A block of dW whose sums are not finite, from infinite features, is recomputed here in fp32.)
-bool grad_images_bf16(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
-                      const std::vector<int64_t>& images, const at::Tensor& v, at::Tensor& df, at::Tensor& dw);
+// What the head backward does on the AMX tiles (amx.h), for bf16 features NCHW or
+// channels-last/tokens with K a multiple of 16, where the CPU has them and W, g0 and the
+// weighted rows of Gm are finite (else nothing: the caller's fp32 paths):
+//   dense[b]: dF and (channels-last) dW of image b, whose every map is weighted (an unlabeled
+//     image) and which has more than `dense_above` maps, dF[b] = W^T Gm[b] + v[b] 1^T;
+//   weights (NCHW): dW of every image, dW += sum_b Gm[b] F[b]^T + g0[b] Fsum[b]^T, Fsum[b] from
+//     the tiles too (a column of ones), so that the caller reads F for none of this.
+struct TilesBackward {
+  std::vector<char> dense;
+  bool weights = false;
+  bool any() const;
+};
+TilesBackward tiles_backward_plan(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                                  const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0,
+                                  const at::Tensor& df, const at::Tensor& dw, int64_t dense_above);
+
+// Does what `plan` says. features [B, K, N] bf16; w [C, K], gm [B, C, N] (written in the rows
+// rows[b], the nonzero ones), g0 [B, C] (or undefined) and v [B, K] (or undefined) fp32
+// contiguous; df [B, K, N] bf16 (or undefined), dw [C, K] fp32 (or undefined), added to.
+// Blocks of dW whose sums are not finite (from non-finite features) are recomputed in fp32.
+void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
+                         const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, const at::Tensor& v,
+                         at::Tensor& df, at::Tensor& dw, const TilesBackward& plan);
 
 }  // namespace fastcam::cpu

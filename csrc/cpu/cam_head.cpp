@@ -102,7 +102,9 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
                    const std::vector<std::vector<int64_t>>& rows, const at::Tensor& g0, at::Tensor& df, at::Tensor& dw) {
   const int64_t B = features.size(0), K = w.size(1), C = w.size(0), N = features.size(2);
   const bool channels_last = df.defined() && N > 1 && df.stride(1) == 1;
-  const bool need_v = df.defined() && g0.defined(), need_fsum = dw.defined() && g0.defined();
+  // What the AMX tiles take (bf16_gemm.h): the dense images' GEMMs, and with NCHW every image's dW.
+  const TilesBackward tiles = tiles_backward_plan(features, w, gm, rows, g0, df, dw, kDirectRows);
+  const bool need_v = df.defined() && g0.defined(), need_fsum = dw.defined() && g0.defined() && !tiles.weights;
   at::Tensor v = need_v ? at::empty({B, K}, w.options()) : at::Tensor();
   std::vector<int64_t> gemm_images;
   for (int64_t b = 0; b < B; ++b)
@@ -139,7 +141,7 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
         for (int64_t r = 0; r < nr; ++r) g[r] = gmp + (b * C + rows[b][r]) * N;
         // The GEMM images only get their Fsum here (their dF and dW come below).
         scalar_t* dfb = (direct && dfp) ? dfp + b * dsb : nullptr;
-        acc_t* dwb = (direct && nr > 0) ? dwp : nullptr;
+        acc_t* dwb = (direct && nr > 0 && !tiles.weights) ? dwp : nullptr;
         acc_t* fs = need_fsum ? fsum.data() : nullptr;
         if (dfb || dwb || fs)
           direct_image_backward(fp + b * sb, sk, sn, dfb, dsk, dsn, K, N, wp, g.data(), rows[b].data(), nr, vb, dwb,
@@ -149,23 +151,21 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
       }
     });
   });
-  // The GEMM images with every map weighted, for bf16 features: on the AMX tiles where it has
-  // them (bf16_gemm.h). The others, or all where that does not run, one at a time with BLAS on
-  // every thread. (An image per thread, each with its own dW accumulator, measured no faster
-  // at batch 4-8.)
-  std::vector<int64_t> dense, rest;
-  for (const int64_t b : gemm_images) (int64_t(rows[b].size()) == C ? dense : rest).push_back(b);
-  if (!dense.empty() && grad_images_bf16(features, w, gm, dense, v, df, dw)) gemm_images = rest;
+  if (tiles.any()) head_backward_tiles(features, w, gm, rows, g0, v, df, dw, tiles);
+  // The other GEMM images (all where the tiles do not run), one at a time with BLAS on every
+  // thread. (An image per thread, each with its own dW accumulator, measured no faster at batch 4-8.)
   for (const int64_t b : gemm_images) {
+    if (tiles.dense[b]) continue;
     const int64_t nr = int64_t(rows[b].size());
-    const at::Tensor fb = dw.defined() ? chunk_as_acc(features, b, b + 1, w.scalar_type())[0] : at::Tensor();
+    const bool do_dw = dw.defined() && !tiles.weights;
+    const at::Tensor fb = do_dw ? chunk_as_acc(features, b, b + 1, w.scalar_type())[0] : at::Tensor();
     at::Tensor ga = gm[b], wa = w, index;
     if (nr < C) {
       index = at::tensor(c10::ArrayRef<int64_t>(rows[b]), at::kLong);
       ga = ga.index_select(0, index);
       wa = w.index_select(0, index);
     }
-    if (dw.defined()) {
+    if (do_dw) {
       if (nr == C) dw.addmm_(ga, fb.t());
       else dw.index_add_(0, index, at::mm(ga, fb.t()));
     }
