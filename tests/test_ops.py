@@ -83,17 +83,25 @@ def test_compiled_training_step_matches_eager(backend, device, compile_backend):
 
 @pytest.mark.parametrize("backend,device", COMPILED, ids=ids)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
-def test_gradients_are_bitwise_deterministic(backend, device, layout):
-    feats, weight, bias = make_head_inputs(layout, B=4, C=5, K=300, H=6, W=7, dtype=torch.float32, device=device,
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_are_bitwise_deterministic(backend, device, layout, dtype):
+    # bf16: more classes than the direct loops take and an unlabeled image (every map weighted),
+    # K a multiple of 16: the CPU backend's AMX paths where the CPU has them.
+    C, K = (5, 300) if dtype == torch.float32 else (12, 64)
+    feats, weight, bias = make_head_inputs(layout, B=4, C=C, K=K, H=6, W=7, dtype=torch.float32, device=device,
                                            seed=7)
-    labels = (torch.rand(4, 5, generator=torch.Generator().manual_seed(8)) < 0.4).float().to(device)
+    feats = feats.to(dtype)
+    labels = (torch.rand(4, C, generator=torch.Generator().manual_seed(8)) < 0.4).float().to(device)
+    mask = torch.ones(4, C, dtype=torch.bool, device=device)
+    if dtype == torch.bfloat16:
+        mask[1] = False  # an unlabeled image: its predicted weights weigh every map
 
     def grads(threads):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
-            out = fastcam.attention_loss(f, w, b, labels, lambda_consist=0.3, lambda_coherence=0.2, grid=(6, 7),
+            out = fastcam.attention_loss(f, w, b, labels, mask, lambda_consist=0.3, lambda_coherence=0.2, grid=(6, 7),
                                          backend=backend)
             out.loss.backward()
             return out.loss, f.grad, w.grad, b.grad

@@ -95,7 +95,8 @@ constexpr int64_t kDirectRows = 8;
 // g0 part of dW, and, for an image with few nonzero rows, its whole dF and dW by direct loops
 // over the features as they lie (no conversion, dF written in one pass). Each thread owns the
 // columns [k0, k1) of dW across all images: no atomics, and the order of every sum is fixed
-// whatever the thread count. The images with many nonzero rows then take GEMMs, one converted
+// whatever the thread count. (Channels-last and tokens: over images, each image's part of dW
+// in buffers added after, in image order, just as fixed.) The images with many nonzero rows then take GEMMs, one converted
 // image at a time; their dF[b] is computed in its own memory order ([N, K] for channels-last
 // and tokens) and written once, in the features' dtype and strides, with v added on the way.
 void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Tensor& gm,
@@ -121,6 +122,54 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
     const int64_t sb = features.stride(0), sk = features.stride(1), sn = features.stride(2);
     const int64_t dsb = df.defined() ? df.stride(0) : 0, dsk = df.defined() ? df.stride(1) : 0,
                   dsn = df.defined() ? df.stride(2) : 0;
+    if (sk == 1 && N > 1 && (!dfp || dsk == 1)) {
+      // Channels-last and tokens: an image per task, so that each thread streams whole images.
+      // (Split by channels, two threads read alternate halves of every position's row, which the
+      // prefetchers serve badly: vit B=8, this region took 253 us on two threads, 216 on one.)
+      // Each image's Fsum and its rows' dW go to buffers, added to dW after, in image order.
+      bool any_rows = false;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t nr = int64_t(rows[b].size());
+        any_rows = any_rows || (nr > 0 && nr <= kDirectRows);
+      }
+      at::Tensor fsum = need_fsum ? at::empty({B, K}, w.options()) : at::Tensor();
+      at::Tensor partial = dwp && any_rows && !tiles.weights ? at::empty({B, C, K}, w.options()) : at::Tensor();
+      acc_t* fsp = fsum.defined() ? fsum.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* pp = partial.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<const acc_t*> g(kDirectRows);
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool direct = int64_t(rows[b].size()) <= kDirectRows;
+          const int64_t nr = direct ? int64_t(rows[b].size()) : 0;
+          acc_t* vb = vp ? vp + b * K : nullptr;
+          if (vb) {  // v[b] = W^T g0[b]
+            std::fill(vb, vb + K, acc_t(0));
+            for (int64_t c = 0; c < C; ++c) axpy(vb, wp + c * K, g0p[b * C + c], K);
+          }
+          for (int64_t r = 0; r < nr; ++r) g[r] = gmp + (b * C + rows[b][r]) * N;
+          scalar_t* dfb = (direct && dfp) ? dfp + b * dsb : nullptr;
+          acc_t* dwb = (pp && nr > 0) ? pp + b * C * K : nullptr;
+          for (int64_t r = 0; dwb && r < nr; ++r) std::fill(dwb + rows[b][r] * K, dwb + (rows[b][r] + 1) * K, acc_t(0));
+          acc_t* fs = fsp ? fsp + b * K : nullptr;
+          if (dfb || dwb || fs)
+            direct_image_backward(fp + b * sb, sk, sn, dfb, dsk, dsn, K, N, wp, g.data(), rows[b].data(), nr, vb, dwb,
+                                  fs, 0, K);
+        }
+      });
+      if (fsp || pp)
+        at::parallel_for(0, K, std::max<int64_t>(16, grain(B * C)), [&](int64_t k0, int64_t k1) {
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t nr = int64_t(rows[b].size());
+            for (int64_t r = 0; pp && nr <= kDirectRows && r < nr; ++r) {
+              const int64_t c = rows[b][r];
+              axpy(dwp + c * K + k0, pp + (b * C + c) * K + k0, acc_t(1), k1 - k0);
+            }
+            for (int64_t c = 0; fsp && c < C; ++c)  // dW[c, k] += g0[b, c] Fsum[b, k]
+              axpy(dwp + c * K + k0, fsp + b * K + k0, g0p[b * C + c], k1 - k0);
+          }
+        });
+      return;
+    }
     // Work per channel: every image's reads of F (and writes of dF), its rows' products, v.
     int64_t per_channel = 0;
     for (int64_t b = 0; b < B; ++b) {
