@@ -64,20 +64,26 @@ constexpr int64_t kGemmMaps = 16;
 
 bool gemm_measure(Measure m) { return m == Measure::Dot || m == Measure::Cosine; }
 
-// The maps of group g whose pairs count: a nonzero weight, or a non-finite map.
+// The maps of group g whose pairs count, and whether the group's maps are all finite: every
+// map if one is not (its NaN must reach the sum and every gradient of the group, as in the
+// reference, where 0 * NaN is NaN) or if `all` (a NaN pair weight); else the maps of nonzero
+// weight (a pair with a zero weight adds 0).
 template <typename T>
 std::vector<int64_t> active_maps(const std::vector<T>& q, const std::vector<MapStats<T>>& stats, const Grouping& gr,
-                                 int64_t g) {
+                                 int64_t g, bool all, bool& finite) {
+  finite = true;
+  for (int64_t p = 0; p < gr.P; ++p) finite = finite && finite_map(stats[g * gr.P + p]);
   std::vector<int64_t> active;
   for (int64_t p = 0; p < gr.P; ++p)
-    if (q[g * gr.q_sG + p * gr.q_sP] != T(0) || !finite_map(stats[g * gr.P + p])) active.push_back(p);
+    if (all || !finite || q[g * gr.q_sG + p * gr.q_sP] != T(0)) active.push_back(p);
   return active;
 }
 
-// The maps `active` of group g, gathered: [len(active), N].
+// The maps `active` of group g, gathered: [len(active), N] (a view when they are all of them).
 at::Tensor gather_maps(const Inputs& in, const Grouping& gr, int64_t g, const std::vector<int64_t>& active) {
   const at::Tensor group =
       in.cams.as_strided({gr.P, in.N}, {gr.map_sP, 1}, in.cams.storage_offset() + g * gr.map_sG);
+  if (int64_t(active.size()) == gr.P) return group;
   return group.index_select(0, at::tensor(c10::ArrayRef<int64_t>(active), at::kLong));
 }
 
@@ -89,94 +95,140 @@ T gram_overlap(const T* gram, int64_t nz, int64_t x, int64_t y, Measure m, T eps
   return m == Measure::Dot ? d : d / (sx.norm * sy.norm + eps);
 }
 
-// sum over groups and off-diagonal pairs of q[g, p] q[g, r] overlap(map p, map r), computing
-// only the pairs of nonzero weight (labeled images weigh only their positive classes) or
-// with a non-finite map (whose NaN must reach the sum, as in the reference).
-// Per-map partial sums added in a fixed order: the result does not depend on the threads.
+// The groups' maps that count (active_maps), and which groups take the Gram matrix: dot and
+// cosine with many maps, all finite.
+template <typename T>
+struct GroupPlan {
+  std::vector<std::vector<int64_t>> active;
+  std::vector<char> dense;
+  // (group, index into its active list) of every active map of the other groups
+  std::vector<std::pair<int64_t, int64_t>> items;
+};
+
+template <typename T>
+GroupPlan<T> plan_groups(const std::vector<T>& q, const std::vector<MapStats<T>>& stats, const Grouping& gr, Measure m,
+                         bool all) {
+  GroupPlan<T> plan;
+  plan.active.resize(gr.G);
+  plan.dense.assign(gr.G, 0);
+  for (int64_t g = 0; g < gr.G; ++g) {
+    bool finite = true;
+    plan.active[g] = active_maps(q, stats, gr, g, all, finite);
+    plan.dense[g] = gemm_measure(m) && finite && !all && int64_t(plan.active[g].size()) >= kGemmMaps;
+    if (!plan.dense[g])
+      for (int64_t x = 0; x < int64_t(plan.active[g].size()); ++x) plan.items.emplace_back(g, x);
+  }
+  return plan;
+}
+
+// sum over groups and off-diagonal pairs of q[g, p] q[g, r] overlap(map p, map r), over the
+// active maps only (labeled images weigh only their positive classes), a group with many
+// as one Gram matrix. Per-map partial sums added in a fixed order: the result does not depend
+// on the threads.
 template <typename T>
 T weighted_overlap(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps) {
   const T* cams = in.cams.const_data_ptr<T>();
   const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
-  std::vector<T> partial(gr.G * gr.P, T(0)), dense_sum(gr.G, T(0));
-  std::vector<char> dense(gr.G, 0);
-  for (int64_t g = 0; gemm_measure(m) && g < gr.G; ++g) {
-    const auto active = active_maps(q, stats, gr, g);
+  const GroupPlan<T> plan = plan_groups(q, stats, gr, m, false);
+  auto weight = [&](int64_t g, int64_t p) { return q[g * gr.q_sG + p * gr.q_sP]; };
+  T total = 0;
+  for (int64_t g = 0; g < gr.G; ++g) {
+    if (!plan.dense[g]) continue;
+    const auto& active = plan.active[g];
     const int64_t nz = int64_t(active.size());
-    if (nz < kGemmMaps) continue;
-    dense[g] = 1;
     const at::Tensor maps = gather_maps(in, gr, g, active);
     const at::Tensor gram = at::mm(maps, maps.t()).contiguous();
     const T* gp = gram.const_data_ptr<T>();
     T sum = 0;
-    for (int64_t x = 0; x < nz; ++x) {
-      const int64_t p = active[x];
-      for (int64_t y = x + 1; y < nz; ++y) {
-        const int64_t r = active[y];
-        const T w = q[g * gr.q_sG + p * gr.q_sP] * q[g * gr.q_sG + r * gr.q_sP];
-        sum += w * gram_overlap(gp, nz, x, y, m, eps, stats[g * gr.P + p], stats[g * gr.P + r]);
-      }
-    }
-    dense_sum[g] = T(2) * sum;
+    for (int64_t x = 0; x < nz; ++x)
+      for (int64_t y = x + 1; y < nz; ++y)
+        sum += weight(g, active[x]) * weight(g, active[y]) *
+               gram_overlap(gp, nz, x, y, m, eps, stats[g * gr.P + active[x]], stats[g * gr.P + active[y]]);
+    total += T(2) * sum;
   }
-  at::parallel_for(0, gr.G * gr.P, grain(gr.P * in.N), [&](int64_t begin, int64_t end) {
+  const int64_t items = int64_t(plan.items.size());
+  std::vector<T> partial(items, T(0));
+  at::parallel_for(0, items, grain(8 * in.N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i / gr.P, p = i % gr.P;
-      if (dense[g]) continue;
-      const T qp = q[g * gr.q_sG + p * gr.q_sP];
+      const auto [g, x] = plan.items[i];
+      const auto& active = plan.active[g];
+      const int64_t p = active[x];
       const T* a = cams + g * gr.map_sG + p * gr.map_sP;
       T sum = 0;
-      for (int64_t r = p + 1; r < gr.P; ++r) {  // symmetric: each unordered pair once, counted twice
-        const T w = qp * q[g * gr.q_sG + r * gr.q_sP];
-        const MapStats<T>& sr = stats[g * gr.P + r];
-        if (w == T(0) && finite_map(stats[i]) && finite_map(sr)) continue;
-        sum += w * overlap_value(a, cams + g * gr.map_sG + r * gr.map_sP, in.N, m, eps, stats[i], sr);
+      for (int64_t y = x + 1; y < int64_t(active.size()); ++y) {  // symmetric: each pair once, counted twice
+        const int64_t r = active[y];
+        sum += weight(g, p) * weight(g, r) *
+               overlap_value(a, cams + g * gr.map_sG + r * gr.map_sP, in.N, m, eps, stats[g * gr.P + p],
+                             stats[g * gr.P + r]);
       }
       partial[i] = T(2) * sum;
     }
   });
-  T total = 0;
   for (const T v : partial) total += v;
-  for (const T v : dense_sum) total += v;
   return total;
 }
 
-// Gradient of the dense groups' weighted overlaps into grad (cams layout), from go[g, p, r]
-// (the weight of overlap(p, r) in the loss); their block of go is zeroed, done.
+// Gradient into grad (cams layout) of sum over pairs of c[p, r] overlap(map p, map r), with
+// c[p, r] = scale q_p q_r / den for p != r (the weight of overlap(p, r) in the loss), over
+// the active maps: a dense group through its Gram matrix, the others map by map (each task
+// owns one map's gradient: no races, and no dependence on the thread count).
 template <typename T>
-void dense_groups_backward(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps,
-                           const std::vector<MapStats<T>>& stats, std::vector<T>& go, T* grad) {
-  if (!gemm_measure(m)) return;
+void weighted_overlap_backward(const Inputs& in, const std::vector<T>& q, const Grouping& gr, Measure m, T eps, T scale,
+                               T den, T* grad) {
+  const T* cams = in.cams.const_data_ptr<T>();
+  const auto stats = all_map_stats(cams, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
+  const bool all = !std::isfinite(den);  // a NaN weight: every pair's coefficient is NaN
+  const GroupPlan<T> plan = plan_groups(q, stats, gr, m, all);
+  auto weight = [&](int64_t g, int64_t p) { return q[g * gr.q_sG + p * gr.q_sP]; };
+  // c[p, r] + c[r, p], each as the reference's pair weight matrix has it
+  auto coefficient = [&](int64_t g, int64_t p, int64_t r) {
+    const T qp = weight(g, p), qr = weight(g, r);
+    return scale * qp * qr / den + scale * qr * qp / den;
+  };
   for (int64_t g = 0; g < gr.G; ++g) {
-    const auto active = active_maps(q, stats, gr, g);
+    if (!plan.dense[g]) continue;
+    const auto& active = plan.active[g];
     const int64_t nz = int64_t(active.size());
-    if (nz < kGemmMaps) continue;
     const at::Tensor maps = gather_maps(in, gr, g, active);
     const at::Tensor gram = at::mm(maps, maps.t()).contiguous();
     const T* gp = gram.const_data_ptr<T>();
-    // d/d map x of sum_{x,y} go[x, y] O(x, y) = M @ maps - c * maps (cosine), M @ maps (dot).
-    at::Tensor coef = at::zeros({nz, nz}, maps.options()), along = at::zeros({nz, 1}, maps.options());
+    // d/d map x of sum_{x,y} c[x, y] O(x, y) = M @ maps - along * maps (cosine), M @ maps (dot).
+    at::Tensor coef = at::empty({nz, nz}, maps.options()), along = at::zeros({nz, 1}, maps.options());
     T* cp = coef.mutable_data_ptr<T>();
     T* ap = along.mutable_data_ptr<T>();
     for (int64_t x = 0; x < nz; ++x) {
       const MapStats<T>& sx = stats[g * gr.P + active[x]];
       for (int64_t y = 0; y < nz; ++y) {
-        const int64_t gx = (g * gr.P + active[x]) * gr.P + active[y], gy = (g * gr.P + active[y]) * gr.P + active[x];
-        const T gs = go[gx] + go[gy];
+        const T gs = x == y ? T(0) : coefficient(g, active[x], active[y]);
         if (m == Measure::Dot) {
           cp[x * nz + y] = gs;
           continue;
         }
         const MapStats<T>& sy = stats[g * gr.P + active[y]];
-        const T den = sx.norm * sy.norm + eps;
-        cp[x * nz + y] = gs / den;
-        if (sx.norm > T(0)) ap[x] += gs * gp[x * nz + y] * sy.norm / (den * den * sx.norm);
+        const T d = sx.norm * sy.norm + eps;
+        cp[x * nz + y] = gs / d;
+        if (sx.norm > T(0)) ap[x] += gs * gp[x * nz + y] * sy.norm / (d * d * sx.norm);
       }
     }
     const at::Tensor gmaps = (at::mm(coef, maps) - along * maps).contiguous();
     const T* gm = gmaps.const_data_ptr<T>();
     for (int64_t x = 0; x < nz; ++x) axpy(grad + g * gr.map_sG + active[x] * gr.map_sP, gm + x * in.N, T(1), in.N);
-    std::fill(go.begin() + g * gr.P * gr.P, go.begin() + (g + 1) * gr.P * gr.P, T(0));
   }
+  at::parallel_for(0, int64_t(plan.items.size()), grain(8 * in.N), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [g, x] = plan.items[i];
+      const auto& active = plan.active[g];
+      const int64_t p = active[x];
+      const T* a = cams + g * gr.map_sG + p * gr.map_sP;
+      T* ga = grad + g * gr.map_sG + p * gr.map_sP;
+      for (int64_t y = 0; y < int64_t(active.size()); ++y) {
+        const int64_t r = active[y];
+        if (r == p) continue;
+        overlap_grad(a, cams + g * gr.map_sG + r * gr.map_sP, ga, in.N, m, eps, coefficient(g, p, r),
+                     stats[g * gr.P + p], stats[g * gr.P + r]);
+      }
+    }
+  });
 }
 
 // A double as Python's repr() writes it: the shortest digits that read back to the same
@@ -323,20 +375,7 @@ std::tuple<at::Tensor, at::Tensor> attention_terms_backward_cpu(
     // consistency has 1 - O, hence the minus sign.
     auto pair_grads = [&](const Grouping& gr, T scale) {
       const T den = pair_weight_total(q, gr.G, gr.P, gr.q_sG, gr.q_sP) + e;
-      // Zero where either weight is (most pairs), unless a NaN weight made den NaN.
-      std::vector<T> go(gr.G * gr.P * gr.P, T(0));
-      const bool skip_zero = std::isfinite(den);
-      for (int64_t gi = 0; gi < gr.G; ++gi)
-        for (int64_t p = 0; p < gr.P; ++p) {
-          const T qp = q[gi * gr.q_sG + p * gr.q_sP];
-          if (qp == T(0) && skip_zero) continue;
-          T* row = go.data() + (gi * gr.P + p) * gr.P;
-          for (int64_t r = 0; r < gr.P; ++r)
-            if (p != r) row[r] = scale * qp * q[gi * gr.q_sG + r * gr.q_sP] / den;
-        }
-      const auto stats = all_map_stats(c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP);
-      dense_groups_backward<T>(in, q, gr, m, e, stats, go, gc);
-      overlap_backward<T>(go.data(), c, gr.G, gr.P, in.N, gr.map_sG, gr.map_sP, m, e, gc, &stats);
+      weighted_overlap_backward<T>(in, q, gr, m, e, scale, den, gc);
     };
     if (w.distinct != 0 && g_dist != T(0)) pair_grads(by_image(in), g_dist);
     if (w.consist != 0 && g_cons != T(0)) pair_grads(by_class(in), -g_cons);

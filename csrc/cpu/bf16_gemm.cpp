@@ -51,6 +51,28 @@ inline float from_bf16(uint16_t bits) {
   return x;
 }
 
+// out[rows[r] * ldo + k] += (in[k][r] + in[k][nr + r]) + in[k][2 nr + r] for r < nr, k < kb
+// (in: row stride ld): the three parts of dW^T summed and transposed into dW, through 16 x 16
+// tiles in L1 so that both the reads and the writes run along rows.
+FC_MULTIVERSION void add_transposed_parts(const float* in, int64_t ld, int64_t kb, int64_t nr, const int64_t* rows,
+                                          float* out, int64_t ldo) {
+  float tile[16][16];
+  for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+    const int64_t rn = std::min<int64_t>(16, nr - r0);
+    for (int64_t k0 = 0; k0 < kb; k0 += 16) {
+      const int64_t kn = std::min<int64_t>(16, kb - k0);
+      for (int64_t k = 0; k < kn; ++k) {
+        const float* row = in + (k0 + k) * ld + r0;
+        for (int64_t r = 0; r < rn; ++r) tile[r][k] = (row[r] + row[nr + r]) + row[2 * nr + r];
+      }
+      for (int64_t r = 0; r < rn; ++r) {
+        float* __restrict o = out + rows[r0 + r] * ldo + k0;
+        for (int64_t k = 0; k < kn; ++k) o[k] += tile[r][k];
+      }
+    }
+  }
+}
+
 // The bf16 parts of n values: hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid), whose
 // sum is x to 2^-24.
 FC_MULTIVERSION void split_values(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
@@ -438,7 +460,10 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
     wcols[b] = nchw ? amx::round_up(kParts * int64_t(rows[b].size()) + (g0p ? 1 : 0), 16) : M3;
   for (int64_t b = 0; b < B; ++b) woff[b + 1] = woff[b] + (nchw ? (Np32 / 2) * wcols[b] * 2 : wcols[b] * Np32);
   const int64_t gd_size = nchw ? (I3 / 2) * Np16 * 2 : Np16 * I3;
-  std::vector<uint16_t> gw(woff[B], 0), gd(do_df ? B * gd_size : 0, 0);
+  // gd of the i-th dense image at dslot[b] = i.
+  std::vector<int64_t> dslot(B, -1);
+  for (int64_t i = 0; i < int64_t(dense.size()); ++i) dslot[dense[i]] = i;
+  std::vector<uint16_t> gw(woff[B], 0), gd(do_df ? int64_t(dense.size()) * gd_size : 0, 0);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const uint16_t* src[16];
     for (int64_t b = b0; b < b1; ++b) {
@@ -460,7 +485,7 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
         }
       }
       if (do_df && plan.dense[b]) {
-        uint16_t* out = gd.data() + b * gd_size;
+        uint16_t* out = gd.data() + dslot[b] * gd_size;
         for (int64_t j0 = 0; j0 < P; j0 += 16) {  // dF's G rows: (hi, mid, hi)[j / C] of class j % C
           const int64_t jn = std::min<int64_t>(16, P - j0);
           for (int64_t j = 0; j < jn; ++j) src[j] = gpart(b, kGPart[(j0 + j) / C], (j0 + j) % C);
@@ -535,12 +560,8 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
         float* cb = thread_buffer(cblock, kb * ld);
         amx::gemm(kb, ld, Np32, a, lda, gwb, ld, cb, ld, false);
         if (all_finite(cb, kb * ld)) {
-          // dW[row r, k] += (hi + mid) + lo; Fsum[b, k] from the column of ones.
-          for (int64_t r = 0; r < nr; ++r) {
-            float* out = dwp + rows[b][r] * K + k0;
-            for (int64_t k = 0; k < kb; ++k) out[k] += (cb[k * ld + r] + cb[k * ld + nr + r]) + cb[k * ld + 2 * nr + r];
-          }
-          if (g0p)
+          add_transposed_parts(cb, ld, kb, nr, rows[b].data(), dwp + k0, K);  // dW[row r, k] += (hi + mid) + lo
+          if (g0p)  // Fsum[b, k] from the column of ones
             for (int64_t k = 0; k < kb; ++k) fsum[b * K + k0 + k] = cb[k * ld + 3 * nr];
         } else {
           // A sum that is not finite (an infinite or NaN feature, or one in the next row's first
@@ -583,11 +604,11 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
       for (const int64_t b : dense) {
         const float* vb = vp ? vp + b * K + k0 : nullptr;
         if (nchw) {
-          amx::gemm(kb, Np16, I3, wb, I3, reinterpret_cast<const uint32_t*>(gd.data() + b * gd_size), Np16, dfb, Np16,
+          amx::gemm(kb, Np16, I3, wb, I3, reinterpret_cast<const uint32_t*>(gd.data() + dslot[b] * gd_size), Np16, dfb, Np16,
                     false);
           store_plus(dfb, kb, N, Np16, vb, true, dfp + b * df.stride(0) + k0 * df.stride(1), df.stride(1));
         } else {
-          amx::gemm(Np16, kb, I3, gd.data() + b * gd_size, I3, reinterpret_cast<const uint32_t*>(wb), kb, dfb, kb,
+          amx::gemm(Np16, kb, I3, gd.data() + dslot[b] * gd_size, I3, reinterpret_cast<const uint32_t*>(wb), kb, dfb, kb,
                     false);
           store_plus(dfb, N, kb, kb, vb, false, dfp + b * df.stride(0) + k0, df.stride(2));
         }
