@@ -88,20 +88,21 @@ FC_MULTIVERSION void split_values(const float* x, int64_t n, uint16_t* hi, uint1
 }
 
 // W [C, K] as kParts bf16 matrices stacked [rows, ld], rows >= kParts * C: row p * C + c holds
-// part p of row c (hi = bf16(W), mid = bf16(W - hi), lo = bf16(W - hi - mid)); columns K..ld and
-// the rows past kParts * C are zero.
-FC_MULTIVERSION void split_rows(const float* w, int64_t C, int64_t K, int64_t ld, uint16_t* out) {
-  for (int64_t c = 0; c < C; ++c) {
-    uint16_t *hi = out + c * ld, *mid = out + (C + c) * ld, *lo = out + (2 * C + c) * ld;
-    split_values(w + c * K, K, hi, mid, lo);
-    for (int64_t k = K; k < ld; ++k) hi[k] = mid[k] = lo[k] = 0;
-  }
-}
-
+// part p of row c (hi, mid, lo of split_values); columns K..ld and the rows past kParts * C are
+// zero.
 std::unique_ptr<uint16_t[]> split_weight(const float* w, int64_t C, int64_t K, int64_t rows, int64_t ld) {
-  static_assert(kParts == 3, "split_rows writes three parts");
+  static_assert(kParts == 3, "split_values makes three parts");
   std::unique_ptr<uint16_t[]> out(new uint16_t[rows * ld]);  // every element written below
-  split_rows(w, C, K, ld, out.get());
+  // By ranges of classes on every thread (174 classes x 1024 channels: ~100 us on one).
+  at::parallel_for(0, C, std::max<int64_t>(1, grain(8 * K)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      uint16_t *hi = out.get() + c * ld, *mid = out.get() + (C + c) * ld, *lo = out.get() + (2 * C + c) * ld;
+      split_values(w + c * K, K, hi, mid, lo);
+      std::fill(hi + K, hi + ld, uint16_t(0));
+      std::fill(mid + K, mid + ld, uint16_t(0));
+      std::fill(lo + K, lo + ld, uint16_t(0));
+    }
+  });
   std::fill(out.get() + kParts * C * ld, out.get() + rows * ld, uint16_t(0));
   return out;
 }
