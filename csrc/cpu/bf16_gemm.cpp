@@ -147,7 +147,7 @@ FC_MULTIVERSION void pack_pairs(const uint16_t* in, int64_t K, int64_t nb, int64
     uint32_t* __restrict o = out + (k / 2) * ldo;
 #pragma omp simd
     for (int64_t j = 0; j < nb; ++j) o[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
-    for (int64_t j = nb; j < cols; ++j) o[j] = 0;
+    std::fill(o + nb, o + cols, uint32_t(0));
   }
   if (k < K) {
     const uint16_t* __restrict r0 = in + k * ld;
@@ -165,6 +165,21 @@ FC_MULTIVERSION bool all_finite(const float* x, int64_t n) {
 #pragma omp simd reduction(+ : zero)
   for (int64_t i = 0; i < n; ++i) zero += x[i] * 0.f;
   return zero == 0.f;
+}
+
+// Whether the first `cols` values (rounded up to 16, within ld) of each of `rows` rows (row
+// stride ld) are all finite: 16 at a time, one vector each (a reduction loop per short row
+// costs more than the check).
+FC_MULTIVERSION bool all_finite_rows(const float* x, int64_t rows, int64_t cols, int64_t ld) {
+  float zero[16] = {};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const float* v = x + r * ld + c0;
+      for (int i = 0; i < 16; ++i) zero[i] += v[i] * 0.f;
+    }
+  float total = 0;
+  for (int i = 0; i < 16; ++i) total += zero[i];
+  return total == 0.f;
 }
 
 // out[i] = (hi[i] + mid[i]) + lo[i] for n values; whether all are finite.
@@ -557,10 +572,10 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
           }
           a = pa, lda = Np32;
         }
-        const int64_t ld = wcols[b];
+        const int64_t ld = wcols[b], used = kParts * nr + (g0p ? 1 : 0);
         float* cb = thread_buffer(cblock, kb * ld);
         amx::gemm(kb, ld, Np32, a, lda, gwb, ld, cb, ld, false);
-        if (all_finite(cb, kb * ld)) {
+        if (all_finite_rows(cb, kb, used, ld)) {
           add_transposed_parts(cb, ld, kb, nr, rows[b].data(), dwp + k0, K);  // dW[row r, k] += (hi + mid) + lo
           if (g0p)  // Fsum[b, k] from the column of ones
             for (int64_t k = 0; k < kb; ++k) fsum[b * K + k0 + k] = cb[k * ld + 3 * nr];
