@@ -5,8 +5,8 @@ speed-up over the reference, on the SPEC §5 shapes.
     python benchmarks/compare_backends.py --batch 64      # any batch (the SPEC's on a GPU: --spec)
     python benchmarks/compare_backends.py --tiny --reps 200   # the fixed cost of a step
 
-Wall-clock medians (CUDA-synchronized on a GPU), the backends run in turn within each round
-and the speed-up the median of the rounds' ratios; the pytest-benchmark suite next to this
+Wall-clock medians (CUDA-synchronized on a GPU), the backends run in turn (a few warm
+repetitions of each per round) and the speed-up the median of the rounds' ratios; the pytest-benchmark suite next to this
 file measures the same step with statistics. The backward computes the gradients of F, W
 and b with torch.autograd.grad, as in training where F comes from the backbone: no
 accumulation into a leaf's .grad is timed.
@@ -44,10 +44,13 @@ def median_ms(fn, device, reps):
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def interleaved_ms(steps, device, reps):
-    """Median ms of each step and median speed-up over the reference's, the steps run in turn
-    (one of each per round): the VM's speed drifts by 10-30% within minutes, which moves blocks
-    of repetitions measured one after the other, not the ratio within a round."""
+def interleaved_ms(steps, device, reps, inner=5):
+    """Median ms of each step and median speed-up over the reference's, the steps run in turn:
+    each round runs each step `inner` times and keeps the median (warm, like a training loop
+    repeating one step); the VM's speed drifts by 10-30% within minutes, which moves blocks of
+    repetitions measured one after the other, not the ratio within a round. (One step of each
+    per round measured each after the other's, with cold caches: the cpu backend's tiny step
+    95 -> 179 us.)"""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in steps.values():
         for _ in range(3):
@@ -56,10 +59,15 @@ def interleaved_ms(steps, device, reps):
     times = {name: [] for name in steps}
     for _ in range(reps):
         for name, fn in steps.items():
-            start = time.perf_counter()
-            fn()
+            fn()  # the other step's data out of the caches
             sync()
-            times[name].append(time.perf_counter() - start)
+            round_times = []
+            for _ in range(inner):
+                start = time.perf_counter()
+                fn()
+                sync()
+                round_times.append(time.perf_counter() - start)
+            times[name].append(sorted(round_times)[inner // 2])
 
     def median(values):
         return sorted(values)[len(values) // 2]
@@ -82,8 +90,12 @@ def steady_allocator() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_mmap_threshold = -3
-    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+    # glibc's own warm state: after freeing an mmapped block of size s it serves blocks up to s
+    # from the heap and trims the heap's free top only beyond 2 s. Setting the first by hand
+    # leaves the second at 128 KiB (each step's frees then hand its pages back, and the next
+    # step faults them in again), so both are set.
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 64 << 20) == 1
 
 
 def gemm_floor_ms(shape, device, reps):
