@@ -451,12 +451,15 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   // [3][rows][N].
   std::vector<uint16_t> wparts(do_df ? kParts * C * K : 0);
   if (do_df) split_values(wp, C * K, wparts.data(), wparts.data() + C * K, wparts.data() + 2 * C * K);
+  std::vector<char> uses_g(B, 0);  // the images whose G parts an operand below takes
+  for (const int64_t b : weighted) uses_g[b] = 1;
+  for (const int64_t b : dense) uses_g[b] = 1;
   std::vector<int64_t> goff(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) goff[b + 1] = goff[b] + kParts * int64_t(rows[b].size()) * N;
+  for (int64_t b = 0; b < B; ++b) goff[b + 1] = goff[b] + (uses_g[b] ? kParts * int64_t(rows[b].size()) * N : 0);
   std::vector<uint16_t> gparts(goff[B]);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t nr = int64_t(rows[b].size());
+      const int64_t nr = uses_g[b] ? int64_t(rows[b].size()) : 0;
       uint16_t* out = gparts.data() + goff[b];
       for (int64_t r = 0; r < nr; ++r)
         split_values(gp + (b * C + rows[b][r]) * N, N, out + r * N, out + (nr + r) * N, out + (2 * nr + r) * N);
