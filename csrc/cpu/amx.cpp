@@ -6,6 +6,12 @@
 #include <cstring>
 #include <string>
 
+#if defined(__has_include)
+#if __has_include(<ATen/native/CPUBlas.h>)
+#include <ATen/native/CPUBlas.h>
+#endif
+#endif
+
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12))
 #define FASTCAM_AMX 1
@@ -88,7 +94,16 @@ FC_AMX_TARGET void configure() {
   _tile_loadconfig(&config);
 }
 
-FC_AMX_TARGET void release() { _tile_release(); }
+// tilerelease, through ATen's brgemm_release where torch has it: ATen caches which brgemm
+// configured this thread's tiles and skips configuring them again, so its cache is reset with
+// them (else its next brgemm call would run on released tiles).
+FC_AMX_TARGET void release() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm_release(true);
+#else
+  _tile_release();
+#endif
+}
 
 }  // namespace
 
