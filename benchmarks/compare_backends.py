@@ -6,10 +6,10 @@ speed-up over the reference, on the SPEC §5 shapes.
     python benchmarks/compare_backends.py --tiny --reps 200   # the fixed cost of a step
 
 Wall-clock medians (CUDA-synchronized on a GPU), the backends run in turn (a few warm
-repetitions of each per round) and the speed-up the median of the rounds' ratios; the pytest-benchmark suite next to this
-file measures the same step with statistics. The backward computes the gradients of F, W
-and b with torch.autograd.grad, as in training where F comes from the backbone: no
-accumulation into a leaf's .grad is timed.
+repetitions of each per round) and the speed-up the median of the rounds' ratios; the
+pytest-benchmark suite next to this file measures the same step with statistics. The
+backward computes the gradients of F, W and b with torch.autograd.grad, as in training where
+F comes from the backbone: no accumulation into a leaf's .grad is timed.
 
 The last columns put the GEMMs in scale: "gemm ms" is the time of the three dense fp32 GEMMs
 of the head (S = W F, dF = W^T G, dW = G F^T over every map, on features already in fp32,
