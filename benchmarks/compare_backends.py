@@ -30,18 +30,23 @@ import fastcam
 from fastcam.workloads import SPEC_SHAPES, Shape, make_inputs
 
 
-def median_ms(fn, device, reps):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
+def _median_s(fn, sync, reps):
+    """The median of `reps` timed calls of fn, in seconds (synchronized after each)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    return sorted(times)[len(times) // 2]
+
+
+def median_ms(fn, device, reps):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    return _median_s(fn, sync, reps) * 1e3
 
 
 def interleaved_ms(steps, device, reps, inner=5):
@@ -61,13 +66,7 @@ def interleaved_ms(steps, device, reps, inner=5):
         for name, fn in steps.items():
             fn()  # the other step's data out of the caches
             sync()
-            round_times = []
-            for _ in range(inner):
-                start = time.perf_counter()
-                fn()
-                sync()
-                round_times.append(time.perf_counter() - start)
-            times[name].append(sorted(round_times)[inner // 2])
+            times[name].append(_median_s(fn, sync, inner))
 
     def median(values):
         return sorted(values)[len(values) // 2]

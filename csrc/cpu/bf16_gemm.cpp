@@ -543,6 +543,15 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   const int64_t readable = int64_t(features.storage().nbytes() / sizeof(uint16_t)) - features.storage_offset();
   // NCHW: Fsum[b] per image (the column of ones); channels-last: dW's parts [M3][K] over the dense images.
   std::vector<float> fsum(nchw && g0p ? B * K : 0), dw_parts(!nchw && dw.defined() && !weighted.empty() ? M3 * K : 0);
+  // dW[rows[b], k0:k0 + kb] (and Fsum[b] into fsum_b, if not null) of image b in fp32 by direct
+  // loops, where the tiles' sums were not finite.
+  auto redo_in_fp32 = [&](int64_t b, float* fsum_b, int64_t k0, int64_t kb) {
+    const int64_t nr = int64_t(rows[b].size());
+    std::vector<const float*> g(nr);
+    for (int64_t r = 0; r < nr; ++r) g[r] = gp + (b * C + rows[b][r]) * N;
+    direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp, g.data(),
+                          rows[b].data(), nr, nullptr, dwp, fsum_b, k0, k0 + kb);
+  };
   constexpr int64_t kChannels = 64;
   const int64_t blocks = (K + kChannels - 1) / kChannels;
   int64_t work = 0;  // multiply-adds of a block
@@ -600,12 +609,8 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
             for (int64_t k = 0; k < kb; ++k) fsum[b * K + k0 + k] = cb[k * ld + 3 * nr];
         } else {
           // A sum that is not finite (an infinite or NaN feature, or one in the next row's first
-          // values that the tiles read): this block of image b again in fp32, by direct loops.
-          std::vector<const float*> g(nr);
-          for (int64_t r = 0; r < nr; ++r) g[r] = gp + (b * C + rows[b][r]) * N;
-          direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp,
-                                g.data(), rows[b].data(), nr, nullptr, dwp, g0p ? fsum.data() + b * K : nullptr, k0,
-                                k0 + kb);
+          // values that the tiles read): this block of image b again in fp32.
+          redo_in_fp32(b, g0p ? fsum.data() + b * K : nullptr, k0, kb);
         }
       }
       // NCHW: dW[c, k] += g0[b, c] Fsum[b, k], in a fixed order of images.
@@ -624,14 +629,7 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
         if (finite) {
           for (int64_t c = 0; c < C; ++c) axpy(dwp + c * K + k0, sum + c * kb, 1.f, kb);
         } else {
-          std::vector<const float*> g(C);
-          std::vector<int64_t> all(C);
-          for (int64_t c = 0; c < C; ++c) all[c] = c;
-          for (const int64_t b : weighted) {
-            for (int64_t c = 0; c < C; ++c) g[c] = gp + (b * C + c) * N;
-            direct_image_backward(features.const_data_ptr<c10::BFloat16>() + b * sb, sk, sn, nullptr, 0, 0, K, N, wp,
-                                  g.data(), all.data(), C, nullptr, dwp, nullptr, k0, k0 + kb);
-          }
+          for (const int64_t b : weighted) redo_in_fp32(b, nullptr, k0, kb);  // dense: rows[b] is every class
         }
       }
       if (!do_df) continue;

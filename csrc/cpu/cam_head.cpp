@@ -116,6 +116,11 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
     const acc_t* g0p = g0.defined() ? g0.const_data_ptr<acc_t>() : nullptr;
     const acc_t* gmp = gm.defined() ? gm.const_data_ptr<acc_t>() : nullptr;
     acc_t* vp = need_v ? v.mutable_data_ptr<acc_t>() : nullptr;
+    auto fill_v = [&](int64_t b, int64_t k0, int64_t k1) {  // v[b, k0:k1] = (W^T g0[b])[k0:k1]
+      acc_t* vb = vp + b * K;
+      std::fill(vb + k0, vb + k1, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) axpy(vb + k0, wp + c * K + k0, g0p[b * C + c], k1 - k0);
+    };
     acc_t* dwp = dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr;
     const scalar_t* fp = features.const_data_ptr<scalar_t>();
     scalar_t* dfp = df.defined() ? df.mutable_data_ptr<scalar_t>() : nullptr;
@@ -142,10 +147,7 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
           const bool direct = int64_t(rows[b].size()) <= kDirectRows;
           const int64_t nr = direct ? int64_t(rows[b].size()) : 0;
           acc_t* vb = vp ? vp + b * K : nullptr;
-          if (vb) {  // v[b] = W^T g0[b]
-            std::fill(vb, vb + K, acc_t(0));
-            for (int64_t c = 0; c < C; ++c) axpy(vb, wp + c * K, g0p[b * C + c], K);
-          }
+          if (vb) fill_v(b, 0, K);
           for (int64_t r = 0; r < nr; ++r) g[r] = gmp + (b * C + rows[b][r]) * N;
           scalar_t* dfb = (direct && dfp) ? dfp + b * dsb : nullptr;
           acc_t* dwb = (pp && nr > 0) ? pp + b * C * K : nullptr;
@@ -183,10 +185,7 @@ void head_backward(const at::Tensor& features, const at::Tensor& w, const at::Te
         const bool direct = int64_t(rows[b].size()) <= kDirectRows;
         const int64_t nr = direct ? int64_t(rows[b].size()) : 0;
         acc_t* vb = vp ? vp + b * K : nullptr;
-        if (vb) {  // v[b] = W^T g0[b]
-          std::fill(vb + k0, vb + k1, acc_t(0));
-          for (int64_t c = 0; c < C; ++c) axpy(vb + k0, wp + c * K + k0, g0p[b * C + c], k1 - k0);
-        }
+        if (vb) fill_v(b, k0, k1);
         for (int64_t r = 0; r < nr; ++r) g[r] = gmp + (b * C + rows[b][r]) * N;
         // The GEMM images only get their Fsum here (their dF and dW come below).
         scalar_t* dfb = (direct && dfp) ? dfp + b * dsb : nullptr;
