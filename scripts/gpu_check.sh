@@ -5,9 +5,11 @@
 #             that the compile stage finds them in torch's caches;
 #   tests     runs the test suite on CUDA tensors for every GPU backend (torch, cuda, triton; the
 #             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
-#   variants  the cuda backend's other GEMM paths (FASTCAM_CUDA_MMA=0: SIMT; =2: dW by whole images,
-#             experimental; GPU_CHECK_VARIANTS): their tests and memcheck, and every path's bench;
+#   variants  the cuda backend's other GEMM paths (GPU_CHECK_VARIANTS, environment assignments;
+#             default FASTCAM_CUDA_MMA=0, the SIMT kernels): their tests and memcheck, every path's bench;
 #   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
+#   triton-tune  benchmarks/triton_tune.py: the Triton GEMMs' autotuning at the SPEC shapes (first-step
+#             time, each configuration's time, the GEMM ops against their bytes);
 #   compare   benchmarks/compare_backends.py --spec: the backends side by side at the SPEC batches;
 #   profile   benchmarks/profile_step.py: the kernels of one step per backend and shape (torch.profiler);
 #   bench     `fastcam bench` without the torch.compile baselines (SPEC section 5 table, eager part);
@@ -24,17 +26,18 @@
 # the ids of CUDA cases, and tests/test_triton.py, which runs on CUDA where there is a GPU), GPU_CHECK_WORKERS (xdist),
 # GPU_CHECK_SHAPES (shapes of the bench and compile stages, default the six of SPEC section 5).
 # Through the device tool (15 min of device time a session, a machine starting in ~30 s), one
-# call that fits (2026-11-26, H200: build 33 s, tests 60 s, memcheck 20 s, profile 20 s, the
-# compile stage's bench 35 s after the background warm-up), its logs tarred into the tool's $OUT:
-#   GPU_CHECK_STAGES="build compile-warm tests variants memcheck profile compile" OUT=/tmp/gc \
-#     bash scripts/gpu_check.sh; (cd /tmp/gc && tar czf $OUT/gc.tgz *)
+# call that fits (2026-11-26, H200, 358 s in all: build 37 s, triton-tune 60 s, tests 88 s,
+# one variant 75 s, memcheck 11 s, profile 22 s, the compile stage's bench 48 s after the
+# background warm-up), its logs tarred into the tool's $OUT (an outer timeout keeps the tar):
+#   GPU_CHECK_STAGES="build triton-tune compile-warm tests variants memcheck profile compile" OUT=/tmp/gc \
+#     timeout 540 bash scripts/gpu_check.sh; (cd /tmp/gc && tar czf $OUT/gc.tgz *)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
-STAGES=${GPU_CHECK_STAGES:-build compile-warm tests variants memcheck compare profile bench e2e compile pytest-bench}
+STAGES=${GPU_CHECK_STAGES:-build compile-warm tests variants memcheck triton-tune compare profile bench e2e compile pytest-bench}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 limit() {  # limit STAGE DEFAULT_S: the stage's time limit
@@ -69,6 +72,10 @@ $PYTHON -c "import pytest_timeout" 2>/dev/null && pytest_base+=(--timeout 300)
 if $PYTHON -c "import xdist" 2>/dev/null; then
   pytest_base+=(-n "${GPU_CHECK_WORKERS:-$(( $(nproc) < 12 ? $(nproc) : 12 ))}")
 fi
+# The tests and memcheck run one configuration per Triton GEMM (the summed dimensions' blocks
+# are fixed, so the configuration changes no result): autotuning every test's shape would take
+# minutes, and under compute-sanitizer much longer. The timing stages tune.
+untuned() { FASTCAM_TRITON_AUTOTUNE=${FASTCAM_TRITON_AUTOTUNE:-0} "$@"; }
 for stage in $STAGES; do
   case $stage in
   build)
@@ -101,42 +108,52 @@ for stage in $STAGES; do
     # A fastcam._C that did not build must not pass as "not usable here".
     ls fastcam/_C*.so > /dev/null 2>&1 && required=torch,cpu,cuda,triton
     start=$(date +%s)
-    FASTCAM_REQUIRE_BACKENDS=$required timeout "$(limit tests 420)" $PYTHON -m pytest "${args[@]}" tests \
+    FASTCAM_REQUIRE_BACKENDS=$required untuned timeout "$(limit tests 420)" $PYTHON -m pytest "${args[@]}" tests \
       --deselect tests/test_build.py::test_jit_build_on_first_use > "$OUT/tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
     tail -2 "$OUT/tests.log"
     echo "tests took $(( $(date +%s) - start )) s"
     ;;
   variants)
-    # The cuda backend's other GEMM paths (FASTCAM_CUDA_MMA, csrc/cuda/cam_head.cu): 0 the SIMT
-    # kernels, 2 dW by whole images (experimental); each one's tests and memcheck, then every
-    # path's bench beside the default's (1).
-    for mma in ${GPU_CHECK_VARIANTS:-0 2}; do
-      step "FASTCAM_CUDA_MMA=$mma: the cuda backend's tests and memcheck"
-      FASTCAM_CUDA_MMA=$mma timeout "$(limit variants 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" \
-        tests > "$OUT/tests_mma$mma.log" 2>&1 || status=1
-      grep -E "^(FAILED|ERROR)" "$OUT/tests_mma$mma.log" | cut -c1-300 | head -30
-      tail -1 "$OUT/tests_mma$mma.log"
+    # The cuda backend's other GEMM paths, each an environment assignment (GPU_CHECK_VARIANTS,
+    # default FASTCAM_CUDA_MMA=0, the SIMT kernels; csrc/cuda/cam_head.cu): each one's tests and
+    # memcheck, then every path's bench beside the default's.
+    variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0}
+    for v in $variants; do
+      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' '_')
+      step "$v: the cuda backend's tests and memcheck"
+      untuned env "$v" timeout "$(limit variants 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" \
+        tests > "$OUT/tests_$tag.log" 2>&1 || status=1
+      grep -E "^(FAILED|ERROR)" "$OUT/tests_$tag.log" | cut -c1-300 | head -30
+      tail -1 "$OUT/tests_$tag.log"
       if command -v compute-sanitizer > /dev/null; then
-        FASTCAM_CUDA_MMA=$mma timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-          $PYTHON scripts/memcheck_case.py > "$OUT/memcheck_mma$mma.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY" "$OUT/memcheck_mma$mma.log" | sed "s/^/mma=$mma /"
+        untuned env "$v" timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          $PYTHON scripts/memcheck_case.py > "$OUT/memcheck_$tag.log" 2>&1 || status=1
+        grep -E "ERROR SUMMARY" "$OUT/memcheck_$tag.log" | sed "s/^/$v /"
       fi
     done
-    for mma in 1 ${GPU_CHECK_VARIANTS:-0 2}; do
-      FASTCAM_CUDA_MMA=$mma timeout 45 $PYTHON -m fastcam.cli bench --backends cuda --skip compile reduce-overhead gradcam \
-        ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} --json "$OUT/bench_cuda_mma$mma.json" | sed "s/^/mma=$mma  /"
+    for v in default $variants; do
+      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' '_')
+      env $([ "$v" = default ] || echo "$v") timeout 45 $PYTHON -m fastcam.cli bench --backends cuda \
+        --skip compile reduce-overhead gradcam ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} \
+        --json "$OUT/bench_cuda_$tag.json" | sed "s/^/$v  /"
     done
     ;;
   memcheck)
     step "compute-sanitizer memcheck"
     if command -v compute-sanitizer > /dev/null; then
-      timeout "$(limit memcheck 180)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      untuned timeout "$(limit memcheck 180)" compute-sanitizer --tool memcheck --error-exitcode 9 \
         $PYTHON scripts/memcheck_case.py > "$OUT/memcheck.log" 2>&1 || status=1
       grep -E "ERROR SUMMARY|Invalid|memcheck" "$OUT/memcheck.log" | head -20
     else
       echo "compute-sanitizer not found"; status=1
     fi
+    ;;
+  triton-tune)
+    step "benchmarks/triton_tune.py: the Triton GEMMs' autotuning"
+    timeout "$(limit triton-tune 150)" $PYTHON benchmarks/triton_tune.py ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} \
+      --json "$OUT/triton_tune.json" > "$OUT/triton_tune.log" 2>&1 || status=1
+    grep -A20 "^shape " "$OUT/triton_tune.log" || tail -20 "$OUT/triton_tune.log"
     ;;
   compare)
     step "benchmarks/compare_backends.py --spec"

@@ -15,6 +15,7 @@ from helpers import (
     assert_compiled_step_matches_eager,
     make_head_inputs,
     max_rel_error,
+    to_nkn,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +58,45 @@ def test_low_precision_against_float64(layout, dtype):
     for name, g, e, r in zip(("loss", "logits", "cams", "grad F", "grad W", "grad b"), got, exact, same):
         budget = 1e-5 if dtype == torch.float32 else 2 * max_rel_error(r, e) + 1e-6
         assert_close_rel(g, e, budget, name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B,C,K,H,W", [(5, 70, 130, 7, 11), (3, 14, 96, 1, 49)])
+def test_gemm_kernels_against_float64(layout, dtype, B, C, K, H, W):
+    """The head's GEMM ops with fp32 W and G (for bf16 features: their bf16 parts on the tensor
+    cores) against float64: S and dW to fp32 accuracy, dF to its dtype's rounding, in the
+    features' strides. Two class tiles, channel and position edges, batch splits of dW."""
+    from fastcam.triton.cam_head import scores, scores_backward
+
+    feats, _, _ = make_head_inputs(layout, B=B, C=C, K=K, H=H, W=W, dtype=dtype, device=DEVICE, seed=56)
+    f = to_nkn(feats)
+    gen = torch.Generator().manual_seed(57)
+    w = torch.randn(C, K, generator=gen).to(DEVICE)  # fp32 values that bf16 does not hold
+    g = torch.randn(B, C, H * W, generator=gen).to(DEVICE)
+    s = scores(f, w)
+    df, dw = scores_backward(g, f, w, True, True)
+    f64, w64, g64 = f.double(), w.double(), g.double()
+    assert_close_rel(s, torch.einsum("ck,bkn->bcn", w64, f64), 1e-6, "S")
+    assert_close_rel(dw, torch.einsum("bcn,bkn->ck", g64, f64), 1e-6, "dW")
+    rounding = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 1e-5}[dtype]
+    assert_close_rel(df, torch.einsum("ck,bcn->bkn", w64, g64), rounding, "dF")
+    assert df.dtype == dtype and df.stride() == f.stride()
+
+
+def test_bf16_scores_keep_an_infinite_weight_infinite():
+    """An infinite weight stays whole in the first bf16 part (inf - inf would make every part
+    NaN): its class's scores are +-inf by the features' signs, the other classes' finite."""
+    from fastcam.triton.cam_head import scores
+
+    feats, _, _ = make_head_inputs("nchw", B=2, C=5, K=40, H=3, W=5, dtype=torch.bfloat16, device=DEVICE, seed=58)
+    f = feats.flatten(2)
+    w = torch.randn(5, 40, generator=torch.Generator().manual_seed(59)).to(DEVICE)
+    w[1, 3] = float("inf")
+    s = scores(f, w)
+    assert torch.equal(s[:, 1] > 0, f[:, 3] > 0) and bool(torch.isinf(s[:, 1]).all())
+    others = [0, 2, 3, 4]
+    assert_close_rel(s[:, others], torch.einsum("ck,bkn->bcn", w[others].double(), f.double()), 1e-5, "S")
 
 
 def test_empty_batch_and_single_position():

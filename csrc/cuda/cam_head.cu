@@ -357,14 +357,11 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t 
 bool positions_contiguous(const FeatureView& v) { return v.sN == 1 || v.N == 1; }
 
 // FASTCAM_CUDA_MMA (read once): unset or 1, the GEMMs of bf16 features on the tensor cores
-// (head_mma.cuh) on sm_80 and newer; 0, the SIMT kernels above; 2, as 1 with dW split by whole
-// images (mma::grad_weight_images_kernel, experimental: gpu_check.sh's stage `variants`).
+// (head_mma.cuh) on sm_80 and newer; 0, the SIMT kernels above.
 int mma_mode() {
   static const int mode = [] {
     const char* v = std::getenv("FASTCAM_CUDA_MMA");
-    if (v == nullptr) return 1;
-    if (std::strcmp(v, "0") == 0) return 0;
-    return std::strcmp(v, "2") == 0 ? 2 : 1;
+    return v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
   }();
   return mode;
 }
@@ -496,7 +493,7 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
     }
     const int64_t splits = cam_head_dw_splits(B, N, C, K);
     if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-      if (grad_weight && splits > 0 && mma_path && mma_mode() == 2) {
+      if (grad_weight && splits > 0 && mma_path) {
         // Splits of whole images, no more than the partials' workspace holds (cam_head_dw_splits).
         const int64_t k_tiles = ceil_div(K, mma::kWTileK), c_tiles = ceil_div(C, mma::kWTileC);
         const int64_t want = std::max<int64_t>(1, ceil_div(kDwTargetBlocks, k_tiles * c_tiles));
@@ -543,26 +540,9 @@ cudaError_t cam_head_backward(const FeatureView& fv, const void* features, const
       acc_t* out = splits > 1 ? static_cast<acc_t*>(dw_partials) : static_cast<acc_t*>(grad_weight);
       const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(c_tiles),
                       static_cast<unsigned>(used_splits));
-      bool done = false;
-      if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-        if (mma_path) {  // the same tiles (64 channels x 16 classes) and splits as the SIMT kernel
-          static_assert(mma::kWTileK == kDwTileK && mma::kWTileC == kDwTileC && mma::kWRows == kDwRows);
-          const auto* f = static_cast<const scalar_t*>(features);
-          if (positions_contiguous(fv)) {
-            mma::grad_weight_kernel<false><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, g, C,
-                                                                                rows, rows_per_split, out);
-          } else {
-            mma::grad_weight_kernel<true><<<grid, mma::kThreads, 0, stream>>>(f, K, N, fv.sB, fv.sK, fv.sN, g, C,
-                                                                               rows, rows_per_split, out);
-          }
-          done = true;
-        }
-      }
-      if (!done) {
-        grad_weight_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-            static_cast<const scalar_t*>(features), K, N, fv.sB, fv.sK, fv.sN, !positions_contiguous(fv), g, C, rows,
-            rows_per_split, out);
-      }
+      grad_weight_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(features), K, N, fv.sB, fv.sK, fv.sN, !positions_contiguous(fv), g, C, rows,
+          rows_per_split, out);
       FC_RETURN_IF_LAUNCH_ERROR();
       if (splits > 1) {
         sum_partials_kernel<acc_t><<<grid_for(C * K, kMapThreads), kMapThreads, 0, stream>>>(

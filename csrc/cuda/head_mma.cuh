@@ -1,9 +1,9 @@
 // The head's three GEMMs on the tensor cores, for bf16 features on sm_80 and newer (WMMA
 // 16x16x16, fp32 accumulation), included by cam_head.cu, which chooses them over its SIMT
 // kernels unless FASTCAM_CUDA_MMA=0. On an H200 (2026-11-26) they passed the suite's CUDA
-// cases and memcheck, and took a resnet50@1024 B128 step from 5.7 to 4.8 ms: the staging
-// (2-byte loads, 64-bit index math, dW's row -> (image, position) division per element), not
-// the MMAs, bounds them now (benchmarks/NOTES.md).
+// cases and memcheck, and took a resnet50@1024 B128 step from 5.7 to 4.8 ms, 2.3 with dW by
+// whole images: the staging (synchronous 2-byte loads, 64-bit index math), not the MMAs, bounds
+// them (benchmarks/NOTES.md).
 //
 // The fp32 operand of each GEMM (W, or G = dL/dS) is split, as it is staged into shared memory,
 // into bf16 parts whose sum is the fp32 value: three parts (to 2^-24, fp32's own precision) for
@@ -168,86 +168,15 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// ------------------------------------------------------------------ dW = G F^T
+// ------------------------------------------------------------------ dW = G F^T by whole images
 
-constexpr int kWTileC = 16, kWTileK = 64, kWRows = 32;
-
-// out[split, c, k] = sum over the rows r = b N + n of this split of G[b, c, n] F[b, k, n], for
-// 16 classes x 64 channels (blockIdx.x = channel tile, y = class tile, z = split); warp w
-// computes channels 16 w .. 16 w + 15. The rows of a split are walked in order.
-template <bool K_FAST>
-__global__ void __launch_bounds__(kThreads)
-    grad_weight_kernel(const bf16* __restrict__ f, int64_t K, int64_t N, int64_t sB, int64_t sK, int64_t sN,
-                       const float* __restrict__ g, int64_t C, int64_t rows, int64_t rows_per_split,
-                       float* __restrict__ out) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  __shared__ __align__(32) bf16 gs[3][kWTileC][kWRows + 8];  // A: c x r, three parts
-  __shared__ __align__(32) bf16 fs[kWRows][kWTileK + 8];     // B: r x k
-  __shared__ __align__(32) float res[kWTileC][kWTileK + 4];
-  const int tid = threadIdx.x, warp = tid / 32;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kWTileK;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kWTileC;
-  const int64_t split_index = blockIdx.z;
-  const int64_t r_begin = split_index * rows_per_split;
-  const int64_t r_end = r_begin + rows_per_split < rows ? r_begin + rows_per_split : rows;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
-  for (int64_t r0 = r_begin; r0 < r_end; r0 += kWRows) {
-    for (int i = tid; i < kWRows * kWTileK; i += kThreads) {
-      const int kk = K_FAST ? i % kWTileK : i / kWRows;
-      const int rr = K_FAST ? i / kWTileK : i % kWRows;
-      const int64_t k = k0 + kk, r = r0 + rr;
-      bf16 v = __float2bfloat16_rn(0.0f);
-      if (k < K && r < r_end) {
-        const int64_t b = r / N, n = r - b * N;
-        v = f[b * sB + k * sK + n * sN];
-      }
-      fs[rr][kk] = v;
-    }
-    for (int i = tid; i < kWTileC * kWRows; i += kThreads) {
-      const int cc = i / kWRows, rr = i % kWRows;
-      const int64_t c = c0 + cc, r = r0 + rr;
-      float v = 0.0f;
-      if (c < C && r < r_end) {
-        const int64_t b = r / N, n = r - b * N;
-        v = g[(b * C + c) * N + n];
-      }
-      split<3>(v, &gs[0][cc][rr], kWTileC * (kWRows + 8));
-    }
-    __syncthreads();
-#pragma unroll
-    for (int rr0 = 0; rr0 < kWRows; rr0 += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> f_frag;
-      wmma::load_matrix_sync(f_frag, &fs[rr0][warp * 16], kWTileK + 8);
-#pragma unroll
-      for (int p = 2; p >= 0; --p) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> g_frag;
-        wmma::load_matrix_sync(g_frag, &gs[p][0][rr0], kWRows + 8);
-        wmma::mma_sync(acc, g_frag, f_frag, acc);
-      }
-    }
-    __syncthreads();
-  }
-  wmma::store_matrix_sync(&res[0][warp * 16], acc, kWTileK + 4, wmma::mem_row_major);
-  __syncthreads();
-  float* o = out + split_index * C * K;
-  for (int i = tid; i < kWTileC * kWTileK; i += kThreads) {
-    const int cc = i / kWTileK, kk = i % kWTileK;
-    const int64_t c = c0 + cc, k = k0 + kk;
-    if (c < C && k < K) o[c * K + k] = res[cc][kk];
-  }
-#endif
-}
-
-// ------------------------------------------------- dW = G F^T by whole images (experimental)
-
-// FASTCAM_CUDA_MMA=2 (not the default until a GPU run has measured it against
-// grad_weight_kernel above): the same sums with each split a range of whole images, so that no
-// row index is divided by N, F staged with 16-byte loads where its strides allow (VEC), and in
-// its own memory order (NCHW: [k][n], read as a column-major B; channels-last: [n][k]).
-// out[split, c, k] = sum over the images b of this split and every position n of
-// G[b, c, n] F[b, k, n]; blockIdx.x = channel tile, y = class tile, z = split.
+// Each split a range of whole images, so that no row index is divided by N, F staged with
+// 16-byte loads where its strides allow (VEC), and in its own memory order (NCHW: [k][n], read
+// as a column-major B; channels-last: [n][k]). out[split, c, k] = sum over the images b of this
+// split and every position n of G[b, c, n] F[b, k, n]; blockIdx.x = channel tile, y = class
+// tile, z = split. (On an H200, 2026-11-26, it replaced a kernel that split the B * N rows
+// anywhere and divided each row index by N: a resnet50@1024 B128 step 4.76 -> 2.33 ms.)
+constexpr int kWTileC = 16, kWTileK = 64;
 constexpr int kIRows = 32;  // positions per stage
 
 template <bool K_FAST, bool VEC>
