@@ -6,7 +6,8 @@
 #   tests     runs the test suite on CUDA tensors for every GPU backend (torch, cuda, triton; the
 #             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
 #   variants  the cuda backend's other GEMM paths (GPU_CHECK_VARIANTS, environment assignments;
-#             default FASTCAM_CUDA_MMA=0, the SIMT kernels): their tests and memcheck, every path's bench;
+#             default: FASTCAM_CUDA_MMA=0, the SIMT kernels; FASTCAM_CUDA_GEMM=cublas and =kernels,
+#             S and dF forced onto cuBLAS or the kernels): their tests and memcheck, every path's bench;
 #   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
 #   triton-tune  benchmarks/triton_tune.py: the Triton GEMMs' autotuning at the SPEC shapes (first-step
 #             time, each configuration's time, the GEMM ops against their bytes);
@@ -115,10 +116,10 @@ for stage in $STAGES; do
     echo "tests took $(( $(date +%s) - start )) s"
     ;;
   variants)
-    # The cuda backend's other GEMM paths, each an environment assignment (GPU_CHECK_VARIANTS,
-    # default FASTCAM_CUDA_MMA=0, the SIMT kernels; csrc/cuda/cam_head.cu): each one's tests and
-    # memcheck, then every path's bench beside the default's.
-    variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0}
+    # The cuda backend's other GEMM paths, each an environment assignment (GPU_CHECK_VARIANTS;
+    # csrc/cuda/cam_head.cu, cam_head_binding.cpp): each one's tests and memcheck, then every
+    # path's bench beside the default's.
+    variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0 FASTCAM_CUDA_GEMM=cublas FASTCAM_CUDA_GEMM=kernels}
     for v in $variants; do
       tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' '_')
       step "$v: the cuda backend's tests and memcheck"

@@ -13,6 +13,9 @@
 //   grad_weight_kernel     dW partial sums: a block per (64 channels, 16 classes, split of the
 //                          B*N rows); each split writes its own [C, K] slice (no atomics).
 //   sum_partials_kernel    dW[c, k] = sum of the splits in split order.
+//   split_stack_kernel, sum_score_parts_kernel   the bf16 parts of W and G stacked for the cuBLAS
+//                          path of S and dF (cam_head_binding.cpp), and S from its three blocks.
+// bf16 features take head_mma.cuh's tensor-core versions of the three GEMMs (sm_80+).
 // Every sum has a fixed order, so results are bitwise reproducible (deterministic mode or not).
 #include <cuda_runtime.h>
 
@@ -354,6 +357,41 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t 
   }
 }
 
+// ------------------------------------------------- operands of the cuBLAS path (cam_head_binding.cpp)
+
+// out[b, j * rows + r, col] = part pattern[j] of x[b, r, col] (j < 3): the 2 or 3 bf16 parts of
+// an fp32 value (head_mma.cuh's split: their sum is x; a non-finite x whole in part 0), stacked
+// so that one bf16 GEMM with fp32 accumulation sums the products of the parts.
+__global__ void split_stack_kernel(const float* __restrict__ x, int64_t batches, int64_t rows, int64_t cols, int parts,
+                                   int p0, int p1, int p2, __nv_bfloat16* __restrict__ out) {
+  const int64_t per_batch = rows * cols, count = batches * per_batch;
+  for (int64_t i = global_index(); i < count; i += global_stride()) {
+    __nv_bfloat16 part[3];
+    if (parts == 3) {
+      mma::split<3>(x[i], part, 1);
+    } else {
+      mma::split<2>(x[i], part, 1);
+      part[2] = part[1];
+    }
+    const int64_t b = i / per_batch, within = i - b * per_batch;
+    __nv_bfloat16* o = out + b * 3 * per_batch + within;
+    o[0] = part[p0];
+    o[per_batch] = part[p1];
+    o[2 * per_batch] = part[p2];
+  }
+}
+
+// S[b, c, n] = (S3[b, 2C + c, n] + S3[b, C + c, n]) + S3[b, c, n]: the small parts first.
+__global__ void sum_score_parts_kernel(const float* __restrict__ s3, int64_t B, int64_t C, int64_t N,
+                                       float* __restrict__ s) {
+  const int64_t per_part = C * N, count = B * per_part;
+  for (int64_t i = global_index(); i < count; i += global_stride()) {
+    const int64_t b = i / per_part, within = i - b * per_part;
+    const float* p = s3 + b * 3 * per_part + within;
+    s[i] = (p[2 * per_part] + p[per_part]) + p[0];
+  }
+}
+
 bool positions_contiguous(const FeatureView& v) { return v.sN == 1 || v.N == 1; }
 
 // FASTCAM_CUDA_MMA (read once): unset or 1, the GEMMs of bf16 features on the tensor cores
@@ -390,9 +428,26 @@ int64_t cam_head_dw_splits(int64_t B, int64_t N, int64_t C, int64_t K) {
   return splits < 1 ? 1 : splits;
 }
 
+cudaError_t split_stack_bf16(const float* x, int64_t batches, int64_t rows, int64_t cols, int parts,
+                             const int pattern[3], void* out, cudaStream_t stream) {
+  const int64_t count = batches * rows * cols;
+  if (count == 0) return cudaSuccess;
+  split_stack_kernel<<<grid_for(count, kMapThreads), kMapThreads, 0, stream>>>(
+      x, batches, rows, cols, parts, pattern[0], pattern[1], pattern[2], static_cast<__nv_bfloat16*>(out));
+  FC_RETURN_IF_LAUNCH_ERROR();
+  return cudaSuccess;
+}
+
+cudaError_t sum_score_parts(const float* s3, int64_t B, int64_t C, int64_t N, float* s, cudaStream_t stream) {
+  if (B * C * N == 0) return cudaSuccess;
+  sum_score_parts_kernel<<<grid_for(B * C * N, kMapThreads), kMapThreads, 0, stream>>>(s3, B, C, N, s);
+  FC_RETURN_IF_LAUNCH_ERROR();
+  return cudaSuccess;
+}
+
 cudaError_t cam_head_forward(const FeatureView& fv, const void* features, const void* weight, const void* bias,
                              int64_t C, Normalize mode, double temperature, double eps, void* logits, void* scores,
-                             void* cams, cudaStream_t stream) {
+                             void* cams, bool scores_given, cudaStream_t stream) {
   const int64_t B = fv.B, K = fv.K, N = fv.N;
   const int64_t maps = B * C;
   if (maps == 0 || N == 0) return cudaSuccess;
@@ -405,9 +460,9 @@ cudaError_t cam_head_forward(const FeatureView& fv, const void* features, const 
     const bool k_fast = !positions_contiguous(fv);
     const int64_t n_tiles = ceil_div(N, kFwdTileN);
     if (!fits_grid_x(B * n_tiles)) return cudaErrorInvalidConfiguration;
-    bool done = false;
+    bool done = scores_given;
     if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-      if (use_mma()) {
+      if (!done && use_mma()) {
         const int64_t tiles = ceil_div(N, mma::kSTileN), c_tiles = ceil_div(C, mma::kSTileC);
         if (!fits_grid_x(B * tiles) || !fits_grid_yz(c_tiles)) return cudaErrorInvalidConfiguration;
         const dim3 grid(static_cast<unsigned>(B * tiles), static_cast<unsigned>(c_tiles));

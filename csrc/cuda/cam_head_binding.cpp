@@ -1,12 +1,17 @@
 // cam_head on CUDA: the ATen binding (checks, outputs, stream) of the kernels in cam_head.cu.
 // Same checks, outputs and semantics as csrc/cpu/cam_head.cpp.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -27,6 +32,81 @@ void check_head(const at::Tensor& features, const at::Tensor& weight) {
   fastcam::check_head(features, weight, "fastcam::cam_head");
   TORCH_CHECK(positions_contiguous(features) || features.stride(1) == 1 || features.size(1) == 1,
               "fastcam::cam_head: features need stride 1 along N or along K, got strides ", features.strides());
+}
+
+// S = W F and dF = W^T G of bf16 features as cuBLAS GEMMs (ATen's bmm) on the bf16 parts of W
+// and G stacked (split_stack_bf16: three parts of W for S, two each for dF, so that one GEMM with
+// fp32 accumulation sums the parts' products: the kernels' accuracy), or on cam_head.cu's
+// kernels; dW stays on the kernels. FASTCAM_CUDA_GEMM (read once): "cublas" or "kernels"
+// forces one; unset, "auto": cuBLAS for NCHW features with more than 16 classes or at least
+// 128 MiB. On an H200 (2026-11-26, benchmarks/NOTES.md) cuBLAS took a step at resnet50@1024 B128
+// from 2.32 to 1.17 ms, at 174 classes from 2.72 to 2.06, at resnet50@1024 B32 0.94 to 0.91, but
+// was slower at densenet121@512 (0.51 -> 0.70) and for vit tokens (0.44 -> 0.85).
+enum class GemmChoice { Auto, Cublas, Kernels };
+
+GemmChoice gemm_choice() {
+  static const GemmChoice choice = [] {
+    const char* v = std::getenv("FASTCAM_CUDA_GEMM");
+    if (v != nullptr && std::strcmp(v, "cublas") == 0) return GemmChoice::Cublas;
+    if (v != nullptr && std::strcmp(v, "kernels") == 0) return GemmChoice::Kernels;
+    return GemmChoice::Auto;
+  }();
+  return choice;
+}
+
+// aten::bmm.dtype (bf16 x bf16 -> float32), looked up at run time: a torch without it keeps
+// the kernels.
+const c10::OperatorHandle* bmm_to_float() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"aten::bmm", "dtype"});
+  return op.has_value() ? &*op : nullptr;
+}
+
+bool use_cublas(const at::Tensor& features, int64_t C) {
+  const GemmChoice choice = gemm_choice();
+  if (features.scalar_type() != at::kBFloat16 || choice == GemmChoice::Kernels || bmm_to_float() == nullptr) {
+    return false;
+  }
+  if (choice == GemmChoice::Auto) {
+    const bool nchw = positions_contiguous(features);
+    const bool large = features.numel() * features.element_size() >= (int64_t{128} << 20);
+    if (!nchw || (C <= 16 && !large)) return false;
+  }
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, features.device().index()) == cudaSuccess &&
+         major >= 8;
+}
+
+// S [B, C, N] (float32, contiguous) = W F through cuBLAS: S3 = [W_hi; W_mid; W_lo] F, then the
+// three row blocks summed. w: [C, K] float32, contiguous; features: [B, K, N], bf16, any strides.
+void scores_on_cublas(const at::Tensor& features, const at::Tensor& w, at::Tensor& scores) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // bf16 stays bf16
+  const int64_t B = features.size(0), K = features.size(1), N = features.size(2), C = w.size(0);
+  at::Tensor w3 = at::empty({3 * C, K}, features.options());
+  const int parts[3] = {0, 1, 2};
+  C10_CUDA_CHECK(split_stack_bf16(w.const_data_ptr<float>(), 1, C, K, 3, parts, w3.mutable_data_ptr(),
+                                  current_stream()));
+  const at::Tensor s3 = bmm_to_float()
+                            ->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>()
+                            .call(w3.expand({B, 3 * C, K}), features, at::kFloat)
+                            .contiguous();
+  C10_CUDA_CHECK(sum_score_parts(s3.const_data_ptr<float>(), B, C, N, scores.mutable_data_ptr<float>(),
+                                 current_stream()));
+}
+
+// dF [B, K, N] (bf16, its own strides) = W^T G through cuBLAS: [W_hi; W_hi; W_lo]^T [G_hi;
+// G_lo; G_hi], fp32 accumulation, rounded to bf16 once. g: [B, C, N] float32, contiguous.
+void grad_features_on_cublas(const at::Tensor& w, const at::Tensor& g, at::Tensor& df) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t B = df.size(0), K = df.size(1), N = df.size(2), C = w.size(0);
+  at::Tensor wcat = at::empty({3 * C, K}, df.options());
+  at::Tensor gcat = at::empty({B, 3 * C, N}, df.options());
+  const int w_parts[3] = {0, 0, 1}, g_parts[3] = {0, 1, 0};
+  C10_CUDA_CHECK(split_stack_bf16(w.const_data_ptr<float>(), 1, C, K, 2, w_parts, wcat.mutable_data_ptr(),
+                                  current_stream()));
+  C10_CUDA_CHECK(split_stack_bf16(g.const_data_ptr<float>(), B, C, N, 2, g_parts, gcat.mutable_data_ptr(),
+                                  current_stream()));
+  at::bmm_out(df, wcat.t().expand({B, K, 3 * C}), gcat);
 }
 
 // An acc [B, C, N] input of the backward, contiguous.
@@ -57,10 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_cuda(const at::Tensor& f
   }
   auto opts = features.options().dtype(acc);
   at::Tensor scores = at::empty({B, C, N}, opts), cams = at::empty({B, C, N}, opts), logits = at::empty({B, C}, opts);
+  const bool cublas = B * C * N > 0 && use_cublas(features, C);
+  if (cublas) scores_on_cublas(features, w, scores);
   C10_CUDA_CHECK(cam_head_forward(feature_view(features, dtype), features.const_data_ptr(), w.const_data_ptr(),
                                   bvec.defined() ? bvec.const_data_ptr() : nullptr, C, mode, temperature, eps,
                                   logits.mutable_data_ptr(), scores.mutable_data_ptr(), cams.mutable_data_ptr(),
-                                  current_stream()));
+                                  cublas, current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logits, scores, cams};
 }
@@ -96,14 +178,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_head_backward_cuda(
   at::Tensor partials;
   if (dw.defined()) partials = at::empty({cam_head_dw_partials(B, N, C, K)}, opts);
   if (df.defined() || dw.defined()) {
+    // On the cuBLAS path the launcher makes G (and dW), then dF is a cuBLAS GEMM of G.
+    const bool cublas = df.defined() && B * K * N > 0 && use_cublas(features, C);
     const FeatureView dfv = df.defined() ? feature_view(df, dtype) : feature_view(features, dtype);
     C10_CUDA_CHECK(cam_head_backward(
         feature_view(features, dtype), features.const_data_ptr(), w.const_data_ptr(), C,
         gl.defined() ? gl.const_data_ptr() : nullptr, gc.defined() ? gc.const_data_ptr() : nullptr,
         s.const_data_ptr(), cm.const_data_ptr(), mode, temperature, eps, g.mutable_data_ptr(), dfv,
-        df.defined() ? df.mutable_data_ptr() : nullptr, dw.defined() ? dw.mutable_data_ptr() : nullptr,
+        df.defined() && !cublas ? df.mutable_data_ptr() : nullptr, dw.defined() ? dw.mutable_data_ptr() : nullptr,
         partials.defined() && partials.numel() > 0 ? partials.mutable_data_ptr() : nullptr, current_stream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (cublas) grad_features_on_cublas(w, g, df);
   }
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
   return {df.defined() ? df : at::empty({0}, features.options()), or_empty(dw), or_empty(db)};

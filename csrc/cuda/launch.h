@@ -39,9 +39,18 @@ struct FeatureView {
 
 // scores S = W F [B, C, N], logits = mean_n S + bias [B, C], cams = normalize(S) [B, C, N];
 // weight [C, K] and bias [C] (or null) are acc, contiguous; the outputs acc, contiguous.
+// scores_given: S is in `scores` already (the binding's cuBLAS path), only the maps are made.
 cudaError_t cam_head_forward(const FeatureView& fv, const void* features, const void* weight, const void* bias,
                              int64_t C, Normalize mode, double temperature, double eps, void* logits, void* scores,
-                             void* cams, cudaStream_t stream);
+                             void* cams, bool scores_given, cudaStream_t stream);
+
+// The cuBLAS path's operands (float32 in, bf16 out, all contiguous): out [batches, 3 rows,
+// cols] holds, in its three row blocks j, part pattern[j] of x [batches, rows, cols] split in
+// `parts` (2 or 3) bf16 values that sum to it; and S [B, C, N] = the sum of the three row blocks
+// of S3 [B, 3 C, N], the last (smallest) first.
+cudaError_t split_stack_bf16(const float* x, int64_t batches, int64_t rows, int64_t cols, int parts,
+                             const int pattern[3], void* out, cudaStream_t stream);
+cudaError_t sum_score_parts(const float* s3, int64_t B, int64_t C, int64_t N, float* s, cudaStream_t stream);
 
 // How many partial sums over (b, n) the deterministic dW reduction uses; the caller gives
 // cam_head_backward a buffer of cam_head_dw_partials(...) acc values when it is > 1
