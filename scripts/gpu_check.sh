@@ -113,6 +113,12 @@ for stage in $STAGES; do
       --deselect tests/test_build.py::test_jit_build_on_first_use > "$OUT/tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
     tail -2 "$OUT/tests.log"
+    # The compiled training steps again with the Triton GEMMs autotuned (inductor tunes user
+    # kernels' configurations itself).
+    FASTCAM_TRITON_AUTOTUNE=1 timeout 180 $PYTHON -m pytest "${pytest_base[@]}" -k "compiled and (triton or cuda)" \
+      tests > "$OUT/tests_compiled_tuned.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_compiled_tuned.log" | cut -c1-300 | head -20
+    tail -1 "$OUT/tests_compiled_tuned.log" | sed "s/^/compiled steps, Triton autotuned: /"
     echo "tests took $(( $(date +%s) - start )) s"
     ;;
   variants)
