@@ -279,7 +279,7 @@ def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Te
     g = grad.to(acc).contiguous()  # autograd may hand over an expanded gradient
     w = weight.to(acc).contiguous()
     df = torch.empty_like(features) if need_features else features.new_empty(0)
-    dw = features.new_empty((C, K) if need_weight else (0,), dtype=acc)
+    dw = features.new_empty(0, dtype=acc)  # [C, K] below when asked for
     k_fast = features.stride(1) == 1
     if need_features and B > 0:
         meta = _meta(_grad_features_kernel, BLOCK_C=_block_c(C, 32 if mode == 1 else 64))
@@ -300,7 +300,7 @@ def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Te
             per_split = triton.cdiv(B, max(1, min(B, _programs_wanted(features.device)
                                                   // (c_tiles * triton.cdiv(K, 64)))))  # fmt: skip
             splits = triton.cdiv(B, per_split)
-            partial = dw if splits == 1 else features.new_empty((splits, C, K), dtype=acc)
+            partial = features.new_empty((C, K) if splits == 1 else (splits, C, K), dtype=acc)
 
             def grid_dw(m):
                 return (c_tiles, triton.cdiv(K, m["BLOCK_K"]), splits)
@@ -308,10 +308,9 @@ def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Te
             wrap_triton(_grad_weight_kernel)[grid_dw](g, features, partial, B, K, N, C, *features.stride(), per_split,
                                                       K_FAST=k_fast, MODE=mode, UPCAST=_INTERPRET,
                                                       **meta)  # fmt: skip
-            if splits > 1:
-                dw = partial.sum(0)
+            dw = partial if splits == 1 else partial.sum(0)
         else:
-            dw.zero_()
+            dw = features.new_zeros((C, K), dtype=acc)
     return df, dw
 
 
