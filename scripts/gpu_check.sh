@@ -77,6 +77,7 @@ fi
 # are fixed, so the configuration changes no result): autotuning every test's shape would take
 # minutes, and under compute-sanitizer much longer. The timing stages tune.
 untuned() { FASTCAM_TRITON_AUTOTUNE=${FASTCAM_TRITON_AUTOTUNE:-0} "$@"; }
+tag_of() { echo "$1" | tr -c 'A-Za-z0-9\n' '_'; }  # a file-name tag of a variant
 for stage in $STAGES; do
   case $stage in
   build)
@@ -127,7 +128,7 @@ for stage in $STAGES; do
     # path's bench beside the default's.
     variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0 FASTCAM_CUDA_GEMM=cublas FASTCAM_CUDA_GEMM=kernels}
     for v in $variants; do
-      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' '_')
+      tag=$(tag_of "$v")
       step "$v: the cuda backend's tests and memcheck"
       untuned env "$v" timeout "$(limit variants 150)" $PYTHON -m pytest "${pytest_base[@]}" -k "cuda-cuda" \
         tests > "$OUT/tests_$tag.log" 2>&1 || status=1
@@ -140,7 +141,7 @@ for stage in $STAGES; do
       fi
     done
     for v in default $variants; do
-      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' '_')
+      tag=$(tag_of "$v")
       env $([ "$v" = default ] || echo "$v") timeout 45 $PYTHON -m fastcam.cli bench --backends cuda \
         --skip compile reduce-overhead gradcam ${GPU_CHECK_SHAPES:+--shapes $GPU_CHECK_SHAPES} \
         --json "$OUT/bench_cuda_$tag.json" | sed "s/^/$v  /"

@@ -396,16 +396,12 @@ bool positions_contiguous(const FeatureView& v) { return v.sN == 1 || v.N == 1; 
 
 // FASTCAM_CUDA_MMA (read once): unset or 1, the GEMMs of bf16 features on the tensor cores
 // (head_mma.cuh) on sm_80 and newer; 0, the SIMT kernels above.
-int mma_mode() {
-  static const int mode = [] {
-    const char* v = std::getenv("FASTCAM_CUDA_MMA");
-    return v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
-  }();
-  return mode;
-}
-
 bool use_mma() {
-  if (mma_mode() == 0) return false;
+  static const bool turned_off = [] {
+    const char* v = std::getenv("FASTCAM_CUDA_MMA");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  if (turned_off) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;

@@ -38,6 +38,8 @@ from torch.library import triton_op, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = not _INTERPRET and os.environ.get("FASTCAM_TRITON_AUTOTUNE", "1") != "0"
+# Autotuning key. K_FAST (the features' layout) and MODE are constexprs of all three kernels so
+# that the key separates them; the dF and dW kernels do not branch on K_FAST.
 _KEY = ["C", "K", "N", "K_FAST", "MODE"]
 
 
@@ -256,14 +258,15 @@ def scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     w = weight.to(acc).contiguous()
     out = features.new_empty((B, C, N), dtype=acc)
     if B > 0:
-        meta = _meta(_scores_kernel, BLOCK_C=_block_c(C, 128), BLOCK_K=32 if _mode(features) == 1 else 64)
+        mode = _mode(features)
+        meta = _meta(_scores_kernel, BLOCK_C=_block_c(C, 128), BLOCK_K=32 if mode == 1 else 64)
         c_tiles = triton.cdiv(C, meta["BLOCK_C"])
 
         def grid(m):
             return (B, triton.cdiv(N, m["BLOCK_N"]), c_tiles)
 
         wrap_triton(_scores_kernel)[grid](features, w, out, K, N, C, *features.stride(),
-                                          K_FAST=features.stride(1) == 1, MODE=_mode(features), UPCAST=_INTERPRET,
+                                          K_FAST=features.stride(1) == 1, MODE=mode, UPCAST=_INTERPRET,
                                           **meta)  # fmt: skip
     return out
 
