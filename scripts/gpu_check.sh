@@ -7,7 +7,8 @@
 #             tests on CPU tensors are CI's), in parallel with pytest-xdist where it is installed;
 #   variants  the cuda backend's other GEMM paths (GPU_CHECK_VARIANTS, environment assignments;
 #             default: FASTCAM_CUDA_MMA=0, the SIMT kernels; FASTCAM_CUDA_GEMM=cublas and =kernels,
-#             S and dF forced onto cuBLAS or the kernels): their tests and memcheck, every path's bench;
+#             S and dF forced onto cuBLAS or the kernels; FASTCAM_CUDA_OVERLAP=tiles, the tiled
+#             overlap kernels for groups of every size): their tests and memcheck, every path's bench;
 #   memcheck  compute-sanitizer memcheck on a small fwd+bwd of every CUDA op and Triton kernel;
 #   triton-tune  benchmarks/triton_tune.py: the Triton GEMMs' autotuning at the SPEC shapes (first-step
 #             time, each configuration's time, the GEMM ops against their bytes);
@@ -123,10 +124,10 @@ for stage in $STAGES; do
     echo "tests took $(( $(date +%s) - start )) s"
     ;;
   variants)
-    # The cuda backend's other GEMM paths, each an environment assignment (GPU_CHECK_VARIANTS;
-    # csrc/cuda/cam_head.cu, cam_head_binding.cpp): each one's tests and memcheck, then every
-    # path's bench beside the default's.
-    variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0 FASTCAM_CUDA_GEMM=cublas FASTCAM_CUDA_GEMM=kernels}
+    # The cuda backend's other paths, each an environment assignment (GPU_CHECK_VARIANTS;
+    # csrc/cuda/cam_head.cu, cam_head_binding.cpp, overlap.cuh): each one's tests and memcheck,
+    # then every path's bench beside the default's.
+    variants=${GPU_CHECK_VARIANTS:-FASTCAM_CUDA_MMA=0 FASTCAM_CUDA_GEMM=cublas FASTCAM_CUDA_GEMM=kernels FASTCAM_CUDA_OVERLAP=tiles}
     for v in $variants; do
       tag=$(tag_of "$v")
       step "$v: the cuda backend's tests and memcheck"

@@ -28,5 +28,17 @@ for backend in BACKENDS:
                 out.loss.backward()
                 cams = out.cams.detach().requires_grad_()
                 fastcam.pairwise_overlap(cams, measure=measure, backend=backend).sum().backward()
+    # Groups of 40 and 70 maps: the cuda backend's tiled overlap kernels (csrc/cuda/overlap.cuh).
+    feats = torch.randn(40, 9, 3, 50, device="cuda", requires_grad=True)
+    weight = torch.randn(70, 9, device="cuda", requires_grad=True)
+    bias = torch.randn(70, device="cuda", requires_grad=True)
+    labels = (torch.rand(40, 70, device="cuda") < 0.05).float()
+    mask = torch.rand(40, 70, device="cuda") < 0.75
+    for normalize, measure in MODES:
+        out = fastcam.attention_loss(feats, weight, bias, labels, mask, normalize=normalize, measure=measure,
+                                     lambda_consist=0.5, backend=backend)
+        out.loss.backward()
+        fastcam.pairwise_overlap(out.cams.detach().requires_grad_(), measure=measure,
+                                 backend=backend).sum().backward()
 torch.cuda.synchronize()
 print("memcheck case done")

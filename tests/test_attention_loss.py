@@ -235,6 +235,29 @@ def test_many_classes_and_images_match_the_reference(backend, device, measure, u
 
 
 @pytest.mark.parametrize("measure", MEASURES)
+def test_groups_of_many_maps_match_the_reference(backend, device, measure):
+    """C = 70 classes and B = 40 images, a quarter unlabeled: both pairwise terms' groups are
+    large enough for the CUDA backend's tiled overlap kernels (32 maps and more; tiles cut in
+    the middle), with sparse labeled images and dense predicted ones beside each other."""
+    B, C = 40, 70
+    feats, weight, bias = make_head_inputs("nchw", B=B, C=C, K=5, H=3, W=5, device=device, seed=51)
+    g = torch.Generator().manual_seed(52)
+    labels = (torch.rand(B, C, generator=g) < 0.03).double().to(device)
+    mask = torch.ones(B, C, dtype=torch.bool, device=device)
+    mask[::4] = False
+    kw = dict(measure=measure, lambda_distinct=0.7, lambda_consist=0.4, lambda_coherence=0.3, grid=(3, 5))
+
+    def run(be):
+        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, labels, mask, backend=be, **kw)
+        return (out.distinct, out.consist, out.loss, *torch.autograd.grad(out.loss, (f, w, b)))
+
+    for name, got, want in zip(("distinct", "consist", "loss", "grad features", "grad weight", "grad bias"),
+                               run(backend), run("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("unlabeled", ["ignore", "predicted"])
 def test_nan_reaches_values_and_gradients_as_in_the_reference(backend, device, measure, unlabeled):
     """A NaN feature of an image whose pairs all weigh 0 still makes the terms and the

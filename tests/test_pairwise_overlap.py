@@ -78,3 +78,22 @@ def test_cosine_of_a_map_with_itself_is_one(backend, device):
     o = fastcam.pairwise_overlap(random_cams((2, 3, 10), device=device, seed=7, sparse=False), backend=backend)
     torch.testing.assert_close(torch.diagonal(o, dim1=1, dim2=2), torch.ones(2, 3, dtype=o.dtype, device=device),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_groups_of_many_maps_match_the_reference(backend, device, measure):
+    """70 maps of 150 positions a group: the CUDA backend's tiled kernels (pairs in tiles of 64
+    maps, gradients in tiles of 32 maps by 128 positions; FASTCAM_CUDA_OVERLAP) with tiles cut
+    in the middle, an all-zero map and a map equal to another (ties), values and gradients."""
+    cams = random_cams((2, 70, 150), device=device, seed=8)
+    cams[0, 5] = 0
+    cams[1, 40] = cams[1, 3]
+    gout = torch.randn(2, 70, 70, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
+
+    def run(be):
+        c = cams.clone().requires_grad_()
+        o = fastcam.pairwise_overlap(c, measure=measure, backend=be)
+        return o, torch.autograd.grad(o, c, gout)[0]
+
+    for name, got, want in zip(("overlap", "gradient"), run(backend), run("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)

@@ -117,6 +117,15 @@ def _dot3(a, b, acc, UPCAST: tl.constexpr):
     return _dot(hi, b, acc, UPCAST)
 
 
+@triton.jit
+def _dot3_right(b, a, acc, UPCAST: tl.constexpr):
+    """acc + b a, _dot3 with the split operand on the right."""
+    hi, mid, lo = _split3(a)
+    acc = _dot(b, lo, acc, UPCAST)
+    acc = _dot(b, mid, acc, UPCAST)
+    return _dot(b, hi, acc, UPCAST)
+
+
 @_tuned([({"BLOCK_N": 64}, 4, 4), ({"BLOCK_N": 128}, 4, 3), ({"BLOCK_N": 256}, 8, 3)])
 @triton.jit
 def _scores_kernel(f_ptr, w_ptr, s_ptr, K, N, C, s_fb, s_fk, s_fn, K_FAST: tl.constexpr, MODE: tl.constexpr,
@@ -140,10 +149,7 @@ def _scores_kernel(f_ptr, w_ptr, s_ptr, K, N, C, s_fb, s_fk, s_fn, K_FAST: tl.co
             ft = tl.load(f_base + offs_n[:, None] * s_fn + offs_k[None, :] * s_fk,
                          mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)  # fmt: skip
             if MODE == 2:
-                hi, mid, lo = _split3(wt)
-                acc_t = _dot(ft, lo, acc_t, UPCAST)
-                acc_t = _dot(ft, mid, acc_t, UPCAST)
-                acc_t = _dot(ft, hi, acc_t, UPCAST)
+                acc_t = _dot3_right(ft, wt, acc_t, UPCAST)
             else:
                 acc_t += tl.dot(ft.to(acc_ty), wt, input_precision="ieee", out_dtype=acc_ty)
         tl.store(out + offs_c[None, :] * N + offs_n[:, None], acc_t, mask=(offs_c[None, :] < C) & (offs_n[:, None] < N))
