@@ -3,7 +3,10 @@
 // core on them, these four-accumulator blocks 450-600 (benchmarks/NOTES.md, version 27).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
+#include <vector>
 
 namespace fastcam::cpu::amx {
 
@@ -29,6 +32,40 @@ class Tiles {
 // Tiles scope, and only where available().
 void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c,
           int64_t ldc, bool accumulate);
+
+// The allocator of tile operands and results: a tile row is 64 bytes, and in a buffer that
+// starts off a cache line (glibc's malloc aligns to 16) every row load and store of a tile
+// spans two lines (measured: the 174-class backward's dF GEMM 1.7x slower on the thread whose
+// buffers were off). Elements are left uninitialized unless a value is given (vector(n) and
+// resize(n) do not zero): every user writes what it reads.
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;  // default-initialized: no zeroing
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(static_cast<Args&&>(args)...);
+  }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using Buffer = std::vector<T, CacheAligned<T>>;
 
 // n rounded up to a multiple of m.
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }

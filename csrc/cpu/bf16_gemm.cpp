@@ -90,20 +90,20 @@ FC_MULTIVERSION void split_values(const float* x, int64_t n, uint16_t* hi, uint1
 // W [C, K] as kParts bf16 matrices stacked [rows, ld], rows >= kParts * C: row p * C + c holds
 // part p of row c (hi, mid, lo of split_values); columns K..ld and the rows past kParts * C are
 // zero.
-std::unique_ptr<uint16_t[]> split_weight(const float* w, int64_t C, int64_t K, int64_t rows, int64_t ld) {
+amx::Buffer<uint16_t> split_weight(const float* w, int64_t C, int64_t K, int64_t rows, int64_t ld) {
   static_assert(kParts == 3, "split_values makes three parts");
-  std::unique_ptr<uint16_t[]> out(new uint16_t[rows * ld]);  // every element written below
+  amx::Buffer<uint16_t> out(rows * ld);  // every element written below
   // By ranges of classes on every thread (174 classes x 1024 channels: ~100 us on one).
   at::parallel_for(0, C, std::max<int64_t>(1, grain(8 * K)), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      uint16_t *hi = out.get() + c * ld, *mid = out.get() + (C + c) * ld, *lo = out.get() + (2 * C + c) * ld;
+      uint16_t *hi = out.data() + c * ld, *mid = out.data() + (C + c) * ld, *lo = out.data() + (2 * C + c) * ld;
       split_values(w + c * K, K, hi, mid, lo);
       std::fill(hi + K, hi + ld, uint16_t(0));
       std::fill(mid + K, mid + ld, uint16_t(0));
       std::fill(lo + K, lo + ld, uint16_t(0));
     }
   });
-  std::fill(out.get() + kParts * C * ld, out.get() + rows * ld, uint16_t(0));
+  std::fill(out.data() + kParts * C * ld, out.data() + rows * ld, uint16_t(0));
   return out;
 }
 
@@ -226,7 +226,7 @@ FC_MULTIVERSION void interleave(const uint16_t* a, const uint16_t* b, int64_t le
 
 
 template <typename T>
-T* thread_buffer(std::vector<T>& buffer, int64_t size) {
+T* thread_buffer(amx::Buffer<T>& buffer, int64_t size) {
   if (int64_t(buffer.size()) < size) buffer.resize(size);
   return buffer.data();
 }
@@ -299,7 +299,7 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   // every row of an A tile falls in the same L1 set (measured: the forward 1.6x slower).
   const int64_t M = kParts * C, Kg = use_amx ? amx::round_up(K, 32) : K + K % 2;
   const int64_t Mg = use_amx ? amx::round_up(M, 16) : M, lda = Kg + 32;
-  const std::unique_ptr<uint16_t[]> parts = split_weight(w.const_data_ptr<float>(), C, K, Mg, lda);
+  const amx::Buffer<uint16_t> parts = split_weight(w.const_data_ptr<float>(), C, K, Mg, lda);
   const auto* f = reinterpret_cast<const uint16_t*>(features.const_data_ptr<c10::BFloat16>());
   float* s = scores.mutable_data_ptr<float>();
   // done[b]: every one of image b's `blocks` tasks finished with finite scores.
@@ -320,8 +320,8 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
     const int64_t blocks = (N + kBlock - 1) / kBlock, tasks = B * blocks;
     std::vector<char> ok(tasks, 0);
     at::parallel_for(0, tasks, gemm_grain(M * std::min(kBlock, N) * Kg), [&](int64_t t0, int64_t t1) {
-      thread_local std::vector<uint32_t> packed;
-      thread_local std::vector<float> out;
+      thread_local amx::Buffer<uint32_t> packed;
+      thread_local amx::Buffer<float> out;
       uint32_t* pb = thread_buffer(packed, (Kg / 2) * kBlock);
       float* po = thread_buffer(out, Mg * kBlock);
       std::optional<amx::Tiles> tiles;
@@ -330,8 +330,8 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
         const int64_t b = t / blocks, n0 = (t % blocks) * kBlock, nb = std::min(kBlock, N - n0);
         const int64_t cols = use_amx ? amx::round_up(nb, 16) : nb;
         pack_pairs(f + b * sb + n0, K, nb, sk, Kg / 2, cols, pb);
-        if (use_amx) amx::gemm(Mg, cols, Kg, parts.get(), lda, pb, kBlock, po, kBlock, false);
-        else brgemm_rows(M, nb, Kg, parts.get(), lda, pb, po);
+        if (use_amx) amx::gemm(Mg, cols, Kg, parts.data(), lda, pb, kBlock, po, kBlock, false);
+        else brgemm_rows(M, nb, Kg, parts.data(), lda, pb, po);
         ok[t] = combine(po, kBlock, 1, b, n0, nb);
       }
       if (!use_amx) brgemm_done();
@@ -344,9 +344,9 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   // blocks of kBlock of their Mg columns: the pair (k, k + 1) of row m of the parts is one
   // 32-bit word, moved to block m / kBlock, pair-row k / 2, column m % kBlock.
   const int64_t wblocks = (Mg + kBlock - 1) / kBlock, ldw = use_amx ? Mg : kBlock;
-  std::vector<uint32_t> wpacked(wblocks * (Kg / 2) * kBlock, 0);
+  amx::Buffer<uint32_t> wpacked(wblocks * (Kg / 2) * kBlock, 0);
   for (int64_t m = 0; m < Mg; ++m) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(parts.get() + m * lda);
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(parts.data() + m * lda);
     // the tiles read one matrix of Mg columns (ldw = Mg), brgemm blocks of kBlock columns
     uint32_t* dst = use_amx ? wpacked.data() + m : wpacked.data() + (m / kBlock) * (Kg / 2) * kBlock + m % kBlock;
     for (int64_t kk = 0; kk < Kg / 2; ++kk) dst[kk * ldw] = row[kk];
@@ -354,8 +354,8 @@ std::vector<char> scores_bf16(const at::Tensor& features, const at::Tensor& w, a
   const int64_t row_blocks = (N + kRows - 1) / kRows, tasks = B * row_blocks;
   std::vector<char> ok(tasks, 0);
   at::parallel_for(0, tasks, gemm_grain(std::min(kRows, N) * M * K), [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> out;
-    thread_local std::vector<uint16_t> tail;
+    thread_local amx::Buffer<float> out;
+    thread_local amx::Buffer<uint16_t> tail;
     float* po = thread_buffer(out, kRows * Mg);
     std::optional<amx::Tiles> tiles;
     if (use_amx) tiles.emplace();
@@ -449,7 +449,7 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   const bool do_df = df.defined() && !dense.empty();
   // The bf16 parts of W [3][C][K] and of the weighted rows of G: for image b, offset goff[b],
   // [3][rows][N].
-  std::vector<uint16_t> wparts(do_df ? kParts * C * K : 0);
+  amx::Buffer<uint16_t> wparts(do_df ? kParts * C * K : 0);  // written whole below
   if (do_df)  // by ranges of classes on every thread (174 x 1024 values: ~100 us on one)
     at::parallel_for(0, C, std::max<int64_t>(1, grain(8 * K)), [&](int64_t c0, int64_t c1) {
       uint16_t* hi = wparts.data() + c0 * K;
@@ -460,7 +460,7 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   for (const int64_t b : dense) uses_g[b] = 1;
   std::vector<int64_t> goff(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) goff[b + 1] = goff[b] + (uses_g[b] ? kParts * int64_t(rows[b].size()) * N : 0);
-  std::vector<uint16_t> gparts(goff[B]);
+  amx::Buffer<uint16_t> gparts(goff[B]);  // written whole below
   auto gpart = [&](int64_t b, int64_t p, int64_t r) {
     return gparts.data() + goff[b] + (p * int64_t(rows[b].size()) + r) * N;
   };
@@ -478,7 +478,7 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   // gd of the i-th dense image at dslot[b] = i.
   std::vector<int64_t> dslot(B, -1);
   for (int64_t i = 0; i < int64_t(dense.size()); ++i) dslot[dense[i]] = i;
-  std::vector<uint16_t> gw(woff[B], 0), gd(do_df ? int64_t(dense.size()) * gd_size : 0, 0);
+  amx::Buffer<uint16_t> gw(woff[B], 0), gd(do_df ? int64_t(dense.size()) * gd_size : 0, 0);
   // Two regions over blocks of 16 rows of every image (an unlabeled image has C rows, the
   // others a few: by images, one thread would do nearly all): the bf16 parts of the weighted
   // rows of G, then the operands built from them.
@@ -542,7 +542,8 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   // the zero rows of the G operand cancel; past the storage's end they are copied instead.
   const int64_t readable = int64_t(features.storage().nbytes() / sizeof(uint16_t)) - features.storage_offset();
   // NCHW: Fsum[b] per image (the column of ones); channels-last: dW's parts [M3][K] over the dense images.
-  std::vector<float> fsum(nchw && g0p ? B * K : 0), dw_parts(!nchw && dw.defined() && !weighted.empty() ? M3 * K : 0);
+  std::vector<float> fsum(nchw && g0p ? B * K : 0);
+  amx::Buffer<float> dw_parts(!nchw && dw.defined() && !weighted.empty() ? M3 * K : 0);  // the first image's GEMM writes it
   // dW[rows[b], k0:k0 + kb] (and Fsum[b] into fsum_b, if not null) of image b in fp32 by direct
   // loops, where the tiles' sums were not finite.
   auto redo_in_fp32 = [&](int64_t b, float* fsum_b, int64_t k0, int64_t kb) {
@@ -558,8 +559,8 @@ void head_backward_tiles(const at::Tensor& features, const at::Tensor& w, const 
   for (const int64_t b : weighted) work += kChannels * wcols[b] * Np32;
   if (do_df) work += int64_t(dense.size()) * kChannels * Np16 * I3;
   at::parallel_for(0, blocks, gemm_grain(work), [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<uint16_t> wblock, fblock;
-    thread_local std::vector<float> dfblock, cblock, sums;
+    thread_local amx::Buffer<uint16_t> wblock, fblock;
+    thread_local amx::Buffer<float> dfblock, cblock, sums;
     const uint16_t* src[16];
     amx::Tiles tiles;
     for (int64_t t = t0; t < t1; ++t) {
