@@ -33,6 +33,9 @@
 # background warm-up), its logs tarred into the tool's $OUT (an outer timeout keeps the tar):
 #   GPU_CHECK_STAGES="build triton-tune compile-warm tests variants memcheck profile compile" OUT=/tmp/gc \
 #     timeout 540 bash scripts/gpu_check.sh; (cd /tmp/gc && tar czf $OUT/gc.tgz *)
+# On an H100 machine (2026-11-26, sixth session; its host slower): build 59 s, tests 152 s (the
+# compiled steps autotuned 36 of them), two variants with three benches 179 s, memcheck 14 s,
+# profile 41 s, compile 50 s after the warm-up; e2e ~55 s a row (GPU_CHECK_E2E_S >= 170 for three).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
