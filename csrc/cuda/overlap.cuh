@@ -531,30 +531,12 @@ cudaError_t launch_overlap_backward(Weight weight, const T* cams, int64_t G, int
   const int64_t blocks = G * P * n_tiles;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
-  switch (m) {
-    case Measure::Cosine:
-      overlap_grad_kernel<T, Measure::Cosine, Weight>
-          <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
-      break;
-    case Measure::Dot:
-      overlap_grad_kernel<T, Measure::Dot, Weight>
-          <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
-      break;
-    case Measure::SoftIoU:
-      overlap_grad_kernel<T, Measure::SoftIoU, Weight>
-          <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
-      break;
-    case Measure::Dice:
-      overlap_grad_kernel<T, Measure::Dice, Weight>
-          <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
-      break;
-    case Measure::Intersection:
-      overlap_grad_kernel<T, Measure::Intersection, Weight>
-          <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
-      break;
-  }
-  FC_RETURN_IF_LAUNCH_ERROR();
-  return cudaSuccess;
+  return dispatch_measure(m, [&](auto mc) -> cudaError_t {
+    overlap_grad_kernel<T, decltype(mc)::value, Weight>
+        <<<grid, kMapThreads, 0, stream>>>(weight, cams, P, N, sG, sP, coef, n_tiles, grad);
+    FC_RETURN_IF_LAUNCH_ERROR();
+    return cudaSuccess;
+  });
 }
 
 }  // namespace fastcam::cuda
