@@ -19,7 +19,6 @@ if load_extension()[0] is None:
     raise ImportError(f"fastcam._ops needs the compiled extension: {load_extension()[1]}")
 
 ops = torch.ops.fastcam
-TERM_NAMES = ("loss", "bce", "distinct", "consist", "coherence")
 
 
 def _no_double_backward(op: str):
@@ -112,10 +111,10 @@ def attention_loss(features, weight, bias, labels=None, label_mask=None, *, norm
                    classification=True, temperature=1.0, eps=1e-6):  # fmt: skip
     weights = [1.0 if classification else 0.0, lambda_distinct, lambda_consist, lambda_coherence]
     grid_h, grid_w = grid if grid is not None else (0, 0)
-    *terms, logits, cams = ops.attention_loss(features, weight, bias, labels, label_mask, normalize, measure,
-                                              temperature, eps, unlabeled == "predicted", grid_h, grid_w, weights)
-    values = dict(zip(TERM_NAMES, terms))
-    for name, weight_of_term in zip(TERM_NAMES[1:], weights):
-        if not weight_of_term:
-            values[name] = None
-    return dict(logits=logits, cams=cams, **values)
+    loss, bce, distinct, consist, coherence, logits, cams = ops.attention_loss(
+        features, weight, bias, labels, label_mask, normalize, measure, temperature, eps, unlabeled == "predicted",
+        grid_h, grid_w, weights)  # fmt: skip
+    # a term not asked for is None
+    return dict(logits=logits, cams=cams, loss=loss, bce=bce if weights[0] else None,
+                distinct=distinct if lambda_distinct else None, consist=consist if lambda_consist else None,
+                coherence=coherence if lambda_coherence else None)  # fmt: skip

@@ -155,7 +155,8 @@ def _check_labels(labels, label_mask, batch: int, classes: int, device: torch.de
         _check_tensor("label_mask", label_mask, dtypes=(torch.bool,))
         if tuple(label_mask.shape) != (batch, classes):
             raise ValueError(f"label_mask must be [B, C] = [{batch}, {classes}], got shape {_shape(label_mask)}")
-    _check_same_device(features=device, labels=labels, label_mask=label_mask)
+    if labels.device != device or (label_mask is not None and label_mask.device != device):
+        _check_same_device(features=device, labels=labels, label_mask=label_mask)
     if not values or labels.dtype == torch.bool or labels.device.type == "meta":  # no values to check
         return
     outside = ~((labels >= 0) & (labels <= 1))  # NaN is outside too
@@ -355,7 +356,9 @@ def attention_loss(
             rank must pass the same batch size). With one process it changes nothing.
     """
     batch, classes = _check_head(features, weight, bias)
-    device = _check_same_device(features=features, weight=weight, bias=bias)
+    device = features.device
+    if weight.device != device or (bias is not None and bias.device != device):  # a few µs less a step
+        device = _check_same_device(features=features, weight=weight, bias=bias)
     resolved = resolve_backend(backend, device, shape_class(classes))
     _check_labels(labels, label_mask, batch, classes, device, values=resolved != "cpu")
     _check_choice("normalize", normalize, NORMALIZE_MODES)
