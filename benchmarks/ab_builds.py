@@ -14,16 +14,15 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 DEFAULT_CASES = ["densenet121@512-174:4", "densenet121@512-174:8", "resnet50@224:8", "vit-b16@224-tokens:4",
                  "vit-b16@224-tokens:8"]
 
 
 def measure(cases: list[str], reps: int) -> list[float]:
-    """Median ms of the cpu backend's step at each 'shape:batch' (in this process's fastcam)."""
+    """Median ms (compare_backends.median_ms) of the cpu step at each 'shape:batch', this process's fastcam."""
     import torch
-    from compare_backends import steady_allocator
+    from compare_backends import median_ms, steady_allocator
 
     import fastcam
     from fastcam.workloads import SPEC_SHAPES, make_inputs
@@ -39,14 +38,7 @@ def measure(cases: list[str], reps: int) -> list[float]:
             out = fastcam.attention_loss(f, w, b, labels, mask, backend="cpu")
             torch.autograd.grad(out.loss, (f, w, b))
 
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        medians.append(sorted(times)[len(times) // 2] * 1e3)
+        medians.append(median_ms(step, "cpu", reps))
     return medians
 
 
