@@ -19,6 +19,9 @@ BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 # cuda backend is the fastest at every SPEC shape (fifth session: 2.1-5.7x the eager reference at
 # the 14-class shapes; 2.02-2.06 ms against 2.30-2.32 with 174 classes, where the triton backend
 # took 1.92-2.82 ms between runs, so without the cuda backend the reference comes first there).
+# The H100 run (sixth session) agrees: cuda the fastest at all six shapes; triton against the
+# reference 3.10-4.00 against 3.25-5.65 ms (faster at three of the five 14-class shapes, 4-16%
+# slower at two: host-bound), 4.00 against 3.36 at 174 classes.
 # On the CPU the cpu backend wins at every shape.
 MANY_CLASSES = 64  # a head with more classes (or maps per group) is of the "many" class
 _AUTO_ORDER = {
