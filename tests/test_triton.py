@@ -441,3 +441,62 @@ def test_bad_maps_are_refused_naming_them():
         o = fastcam.pairwise_overlap(cams, measure="dot", backend="triton")
         (g,) = torch.autograd.grad(o.sum(), cams, create_graph=True)
         g.sum().backward()
+
+
+def _ops_path(monkeypatch):
+    """backend="triton" through its three ops, as under torch.compile, instead of the one-node path."""
+    import fastcam.triton.backend as triton_backend
+
+    monkeypatch.setattr(triton_backend, "eager_path_usable", lambda *tensors: False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("uses", ["loss", "loss+outputs", "outputs"])
+def test_one_node_path_matches_the_ops_bit_for_bit(monkeypatch, layout, dtype, uses):
+    """Eager calls run the ops' bodies as one autograd node (fastcam/triton/attention_loss.py):
+    the same kernels in the same order, so the same bits as the three ops' path, with the
+    caller's own gradients of the logits and maps added in or alone."""
+    feats, weight, bias = make_head_inputs(layout, B=3, C=4, K=24, H=3, W=5, dtype=dtype, device=DEVICE, seed=81)
+    weight, bias = weight.float(), bias.float()
+    labels, mask = _labels(3, 4, "masked", seed=82)
+    kw = dict(labels=labels.to(DEVICE), label_mask=mask.to(DEVICE), lambda_distinct=0.7, lambda_consist=0.3,
+              lambda_coherence=0.2, grid=(3, 5) if layout == "tokens" else None)
+
+    def run():
+        f, w, b = (t.detach().clone().requires_grad_() for t in (feats, weight, bias))
+        out = fastcam.attention_loss(f, w, b, backend="triton", **kw)
+        total = {"loss": out.loss, "outputs": out.logits.sum() * 0.3 + (out.cams ** 2).sum(),
+                 "loss+outputs": out.loss + out.logits.sum() * 0.3 + (out.cams ** 2).sum()}[uses]
+        node = type(out.loss.grad_fn.next_functions[0][0]).__name__  # the terms' producer
+        return node, (out.loss, out.distinct, out.logits, out.cams, *torch.autograd.grad(total, (f, w, b)))
+
+    node, got = run()
+    with monkeypatch.context() as m:
+        _ops_path(m)
+        ops_node, want = run()
+    assert node == "_AttentionLossBackward" and ops_node != node, (node, ops_node)
+    for name, g, w in zip(("loss", "distinct", "logits", "cams", "grad F", "grad W", "grad b"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride(), name
+        assert torch.equal(g, w), name
+
+
+def test_one_node_path_partial_gradients_and_double_backward():
+    """Only some inputs needing a gradient, the maps unused, and a double backward refused as on
+    the ops' path."""
+    feats, weight, bias = make_head_inputs("nchw", B=2, C=3, K=8, H=2, W=3, device=DEVICE, seed=83)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64, device=DEVICE)
+    want = _step("torch", feats, weight, bias, labels=labels)
+    for need in ([True, False, False], [False, True, False], [False, False, True], [False, True, True]):
+        f, w, b = (t.detach().clone().requires_grad_(n) for t, n in zip((feats, weight, bias), need))
+        out = fastcam.attention_loss(f, w, b, labels, backend="triton")
+        wanted = [t for t, n in zip((f, w, b), need) if n]
+        grads = torch.autograd.grad(out.loss.double() + out.logits.double().sum() + (out.cams.double() ** 2).sum(),
+                                    wanted)  # fmt: skip
+        for g, ref in zip(grads, [r for r, n in zip(want[3:], need) if n]):
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    f = feats.detach().clone().requires_grad_()
+    out = fastcam.attention_loss(f, weight, bias, labels, backend="triton")
+    (g,) = torch.autograd.grad(out.loss, f, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

@@ -270,11 +270,11 @@ def _class_weights(x, y, m, flags, predicted):
     return q
 
 
-@triton_op("fastcam_triton::attention_terms", mutates_args=())
-def attention_terms(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor | None,
-                    label_mask: torch.Tensor | None, measure: str, eps: float, predicted: bool, grid_h: int,
-                    grid_w: int, weights: list[float]) -> torch.Tensor:  # fmt: skip
-    """[loss, bce, distinct, consist, coherence] in the maps' dtype (float32 or float64)."""
+def attention_terms_impl(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor | None,
+                         label_mask: torch.Tensor | None, measure: str, eps: float, predicted: bool, grid_h: int,
+                         grid_w: int, weights: list[float]) -> torch.Tensor:  # fmt: skip
+    """[loss, bce, distinct, consist, coherence] in the maps' dtype (float32 or float64): the body
+    of ``fastcam_triton::attention_terms`` (fastcam/triton/attention_loss.py calls it directly)."""
     c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights)
     B, C, N = c.shape
     q = _class_weights(x, y, m, flags, predicted)
@@ -297,12 +297,20 @@ def attention_terms(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tens
     return res
 
 
-@triton_op("fastcam_triton::attention_terms_backward", mutates_args=())
-def attention_terms_backward(grad_terms: torch.Tensor, logits: torch.Tensor, cams: torch.Tensor,
-                             labels: torch.Tensor | None, label_mask: torch.Tensor | None, measure: str, eps: float,
-                             predicted: bool, grid_h: int, grid_w: int,
-                             weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dL/dlogits [B, C], dL/dcams [B, C, N]), contiguous, in the maps' dtype."""
+@triton_op("fastcam_triton::attention_terms", mutates_args=())
+def attention_terms(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor | None,
+                    label_mask: torch.Tensor | None, measure: str, eps: float, predicted: bool, grid_h: int,
+                    grid_w: int, weights: list[float]) -> torch.Tensor:  # fmt: skip
+    """[loss, bce, distinct, consist, coherence] in the maps' dtype (float32 or float64)."""
+    return attention_terms_impl(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w, weights)
+
+
+def attention_terms_backward_impl(grad_terms: torch.Tensor, logits: torch.Tensor, cams: torch.Tensor,
+                                  labels: torch.Tensor | None, label_mask: torch.Tensor | None, measure: str,
+                                  eps: float, predicted: bool, grid_h: int, grid_w: int,
+                                  weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dL/dlogits [B, C], dL/dcams [B, C, N]), contiguous, in the maps' dtype: the body of
+    ``fastcam_triton::attention_terms_backward``."""
     c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights)
     B, C, N = c.shape
     grad_logits = torch.zeros_like(x)
@@ -330,6 +338,16 @@ def attention_terms_backward(grad_terms: torch.Tensor, logits: torch.Tensor, cam
                                                                         ACC_F64=flags["ACC_F64"], ROWS=rows,
                                                                         BLOCK_N=block_n)  # fmt: skip
     return grad_logits, grad_cams
+
+
+@triton_op("fastcam_triton::attention_terms_backward", mutates_args=())
+def attention_terms_backward(grad_terms: torch.Tensor, logits: torch.Tensor, cams: torch.Tensor,
+                             labels: torch.Tensor | None, label_mask: torch.Tensor | None, measure: str, eps: float,
+                             predicted: bool, grid_h: int, grid_w: int,
+                             weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dL/dlogits [B, C], dL/dcams [B, C, N]), contiguous, in the maps' dtype."""
+    return attention_terms_backward_impl(grad_terms, logits, cams, labels, label_mask, measure, eps, predicted,
+                                         grid_h, grid_w, weights)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):

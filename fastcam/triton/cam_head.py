@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastcam.triton.common import no_double_backward
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = not _INTERPRET and os.environ.get("FASTCAM_TRITON_AUTOTUNE", "1") != "0"
 # Autotuning key. K_FAST (the features' layout) and MODE are constexprs of all three kernels so
@@ -256,9 +258,9 @@ def _meta(kernel, **fixed) -> dict:
     return {**fixed, **getattr(kernel, "fastcam_default", {})}
 
 
-@triton_op("fastcam_triton::scores", mutates_args=())
-def scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """S [B, C, N] (fp32; fp64 for fp64) from features [B, K, N] (any strides) and weight [C, K]."""
+def scores_impl(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """S [B, C, N] (fp32; fp64 for fp64) from features [B, K, N] (any strides) and weight [C, K]:
+    the body of ``fastcam_triton::scores`` (fastcam/triton/attention_loss.py calls it directly)."""
     B, K, N = features.shape
     C, acc = weight.shape[0], _acc(features.dtype)
     w = weight.to(acc).contiguous()
@@ -277,11 +279,16 @@ def scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton_op("fastcam_triton::scores_backward", mutates_args=())
-def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, need_features: bool,
-                    need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+@triton_op("fastcam_triton::scores", mutates_args=())
+def scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """S [B, C, N] (fp32; fp64 for fp64) from features [B, K, N] (any strides) and weight [C, K]."""
+    return scores_impl(features, weight)
+
+
+def scores_backward_impl(grad: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, need_features: bool,
+                         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dF in the features' dtype and strides, dW [C, K] in the accumulation dtype); empty where
-    not needed."""
+    not needed: the body of ``fastcam_triton::scores_backward``."""
     B, K, N = features.shape
     C, acc = weight.shape[0], _acc(features.dtype)
     mode = _mode(features)
@@ -323,6 +330,14 @@ def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Te
     return df, dw
 
 
+@triton_op("fastcam_triton::scores_backward", mutates_args=())
+def scores_backward(grad: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, need_features: bool,
+                    need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dF in the features' dtype and strides, dW [C, K] in the accumulation dtype); empty where
+    not needed."""
+    return scores_backward_impl(grad, features, weight, need_features, need_weight)
+
+
 def _setup_context(ctx, inputs, output):
     features, weight = inputs
     ctx.save_for_backward(features, weight)
@@ -336,3 +351,4 @@ def _backward(ctx, grad):
 
 
 scores.register_autograd(_backward, setup_context=_setup_context)
+scores_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)

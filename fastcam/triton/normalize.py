@@ -108,10 +108,10 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@triton_op("fastcam_triton::head_maps", mutates_args=())
-def head_maps(scores: torch.Tensor, bias: torch.Tensor | None, normalize: str, temperature: float,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(logits [B, C], cams [B, C, N]) from the score maps S [B, C, N] (fp32 or fp64)."""
+def head_maps_impl(scores: torch.Tensor, bias: torch.Tensor | None, normalize: str, temperature: float,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(logits [B, C], cams [B, C, N]) from the score maps S [B, C, N] (fp32 or fp64): the body
+    of ``fastcam_triton::head_maps`` (fastcam/triton/attention_loss.py calls it directly)."""
     B, C, N = scores.shape
     s = scores.contiguous()
     logits = s.new_empty((B, C))
@@ -125,10 +125,17 @@ def head_maps(scores: torch.Tensor, bias: torch.Tensor | None, normalize: str, t
     return logits, cams
 
 
-@triton_op("fastcam_triton::head_maps_backward", mutates_args=())
-def head_maps_backward(grad_logits: torch.Tensor | None, grad_cams: torch.Tensor | None, scores: torch.Tensor,
-                       cams: torch.Tensor, normalize: str, temperature: float, eps: float) -> torch.Tensor:
-    """dL/dS [B, C, N] = the maps' gradient through the normalization + dL/dlogits / N."""
+@triton_op("fastcam_triton::head_maps", mutates_args=())
+def head_maps(scores: torch.Tensor, bias: torch.Tensor | None, normalize: str, temperature: float,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(logits [B, C], cams [B, C, N]) from the score maps S [B, C, N] (fp32 or fp64)."""
+    return head_maps_impl(scores, bias, normalize, temperature, eps)
+
+
+def head_maps_backward_impl(grad_logits: torch.Tensor | None, grad_cams: torch.Tensor | None, scores: torch.Tensor,
+                            cams: torch.Tensor, normalize: str, temperature: float, eps: float) -> torch.Tensor:
+    """dL/dS [B, C, N] = the maps' gradient through the normalization + dL/dlogits / N: the body
+    of ``fastcam_triton::head_maps_backward``."""
     B, C, N = scores.shape
     s = scores.contiguous()
     gs = torch.empty_like(s)
@@ -142,6 +149,13 @@ def head_maps_backward(grad_logits: torch.Tensor | None, grad_cams: torch.Tensor
                                                           ACC_F64=s.dtype == torch.float64,
                                                           BLOCK_N=_block(N))  # fmt: skip
     return gs
+
+
+@triton_op("fastcam_triton::head_maps_backward", mutates_args=())
+def head_maps_backward(grad_logits: torch.Tensor | None, grad_cams: torch.Tensor | None, scores: torch.Tensor,
+                       cams: torch.Tensor, normalize: str, temperature: float, eps: float) -> torch.Tensor:
+    """dL/dS [B, C, N] = the maps' gradient through the normalization + dL/dlogits / N."""
+    return head_maps_backward_impl(grad_logits, grad_cams, scores, cams, normalize, temperature, eps)
 
 
 def _setup_context(ctx, inputs, output):
