@@ -114,8 +114,9 @@ def _variance_kernel(cams_ptr, var_ptr, M, N, grid_h, grid_w, eps_hi, eps_lo, AC
 
 @triton.jit
 def _variance_grad_kernel(cams_ptr, q_ptr, scale_ptr, grad_ptr, M, N, grid_h, grid_w, eps_hi, eps_lo,
-                          ACC_F64: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """grad[map] += scale q[map] d var / d map (csrc/common/map_math.h's map_variance_grad):
+                          ACCUMULATE: tl.constexpr, ACC_F64: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK_N: tl.constexpr):  # fmt: skip
+    """grad[map] (+)= scale q[map] d var / d map (csrc/common/map_math.h's map_variance_grad):
     d var / d p_n = |pos_n - mu|^2 - 2 (1 - sum p) pos_n . mu, then through p = a / (sum a + eps)."""
     rows, mask, den, p, r, c, mr, mc = _maps_on_the_grid(cams_ptr, M, N, grid_h, grid_w, eps_hi, eps_lo, ACC_F64,
                                                          ROWS, BLOCK_N)  # fmt: skip
@@ -124,7 +125,10 @@ def _variance_grad_kernel(cams_ptr, q_ptr, scale_ptr, grad_ptr, M, N, grid_h, gr
     dot = tl.sum(gp * p, axis=1)[:, None]
     g = tl.load(scale_ptr) * tl.load(q_ptr + rows, mask=rows < M, other=0.0)[:, None]
     out = grad_ptr + rows[:, None] * N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(out, tl.load(out, mask=mask, other=0.0) + g * (gp - dot) / den, mask=mask)
+    if ACCUMULATE:
+        tl.store(out, tl.load(out, mask=mask, other=0.0) + g * (gp - dot) / den, mask=mask)
+    else:
+        tl.store(out, g * (gp - dot) / den, mask=mask)
 
 
 @triton.jit
@@ -175,18 +179,26 @@ def _terms_kernel(x_ptr, y_ptr, m_ptr, q_ptr, var_ptr, pd_ptr, n_d, pc_ptr, n_c,
         value = tl.sum(bce, axis=0) / tl.maximum(tl.sum(count, axis=0), 1.0)
         tl.store(res_ptr + 1, value)
         loss += rejoin(w0_hi, w0_lo, ACC_F64) * value
+    else:
+        tl.store(res_ptr + 1, tl.zeros((), dtype=acc_ty))
     if DO_DISTINCT:
         value = _sum_of(pd_ptr + 1, n_d, 2, ACC_F64, BLOCK) / (_sum_of(pd_ptr, n_d, 2, ACC_F64, BLOCK) + eps)
         tl.store(res_ptr + 2, value)
         loss += rejoin(w1_hi, w1_lo, ACC_F64) * value
+    else:
+        tl.store(res_ptr + 2, tl.zeros((), dtype=acc_ty))
     if DO_CONSIST:
         value = _sum_of(pc_ptr + 1, n_c, 2, ACC_F64, BLOCK) / (_sum_of(pc_ptr, n_c, 2, ACC_F64, BLOCK) + eps)
         tl.store(res_ptr + 3, value)
         loss += rejoin(w2_hi, w2_lo, ACC_F64) * value
+    else:
+        tl.store(res_ptr + 3, tl.zeros((), dtype=acc_ty))
     if DO_COHERENCE:
         value = tl.sum(q_var, axis=0) / (tl.sum(q_sum, axis=0) + eps)
         tl.store(res_ptr + 4, value)
         loss += rejoin(w3_hi, w3_lo, ACC_F64) * value
+    else:
+        tl.store(res_ptr + 4, tl.zeros((), dtype=acc_ty))
     tl.store(res_ptr, loss)
 
 
@@ -291,7 +303,7 @@ def attention_terms_impl(logits: torch.Tensor, cams: torch.Tensor, labels: torch
     part_c = c.new_empty((C, tiles(B), tiles(B), 2) if flags["DO_CONSIST"] else (0,))
     if flags["DO_CONSIST"]:
         launch_overlap(c, part_c, C, B, N, N, C * N, measure, eps, q=q, q_strides=(1, C), consist=True)
-    res = c.new_zeros(5)
+    res = c.new_empty(5)  # every entry written by _terms_kernel (0 for a term not computed)
     wrap_triton(_terms_kernel)[(1,)](x, y, m, q, var, part_d, part_d.numel() // 2, part_c, part_c.numel() // 2, res, B,
                                      C, *_scalars(eps, weights), **flags, BLOCK=BLOCK)  # fmt: skip
     return res
@@ -313,8 +325,10 @@ def attention_terms_backward_impl(grad_terms: torch.Tensor, logits: torch.Tensor
     ``fastcam_triton::attention_terms_backward``."""
     c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights)
     B, C, N = c.shape
-    grad_logits = torch.zeros_like(x)
-    grad_cams = torch.zeros_like(c)
+    # The kernels below write every entry of what they produce; zeros only where nothing will.
+    maps_terms = flags["DO_DISTINCT"] or flags["DO_CONSIST"] or flags["DO_COHERENCE"]
+    grad_logits = torch.empty_like(x) if flags["DO_BCE"] and B * C > 0 else torch.zeros_like(x)
+    grad_cams = torch.empty_like(c) if maps_terms and B * C > 0 else torch.zeros_like(c)
     if B * C == 0:
         return grad_logits, grad_cams
     gt = grad_terms.to(c.dtype).contiguous()
@@ -324,19 +338,23 @@ def attention_terms_backward_impl(grad_terms: torch.Tensor, logits: torch.Tensor
                     if flags[f"DO_{name.upper()}"] else (None, None, c.new_empty(0))
                     for name, (G, P, s_g, s_p, q_strides) in groups.items()}  # fmt: skip
     part_d, part_c = coefficients["distinct"][2], coefficients["consist"][2]
-    scales = [c.new_zeros(1) for _ in range(3)]  # distinct, consist, coherence (no views: compile-friendly)
+    # distinct, consist, coherence (no views: compile-friendly); each written where its term is on
+    scales = [c.new_empty(1) for _ in range(3)]
     wrap_triton(_terms_backward_kernel)[(1,)](x, y, m, q, gt, part_d, part_d.numel(), part_c, part_c.numel(),
                                               grad_logits, *scales, B, C, *_scalars(eps, weights), **flags,
                                               BLOCK=BLOCK)  # fmt: skip
+    written = False  # grad_cams: the first term writes it, the next ones add to it
     for scale, (name, (G, P, s_g, s_p, _)) in zip(scales, groups.items()):  # distinctiveness, then consistency
         if flags[f"DO_{name.upper()}"]:
-            launch_grad(c, grad_cams, coefficients[name], G, P, N, s_g, s_p, measure, scale=scale, accumulate=True)
+            launch_grad(c, grad_cams, coefficients[name], G, P, N, s_g, s_p, measure, scale=scale,
+                        accumulate=written)  # fmt: skip
+            written = True
     if flags["DO_COHERENCE"]:
         rows, block_n = _map_blocks(B * C, N)
         wrap_triton(_variance_grad_kernel)[(triton.cdiv(B * C, rows),)](c, q, scales[2], grad_cams, B * C, N, grid_h,
                                                                         grid_w, *split_float(eps),
-                                                                        ACC_F64=flags["ACC_F64"], ROWS=rows,
-                                                                        BLOCK_N=block_n)  # fmt: skip
+                                                                        ACCUMULATE=written, ACC_F64=flags["ACC_F64"],
+                                                                        ROWS=rows, BLOCK_N=block_n)  # fmt: skip
     return grad_logits, grad_cams
 
 
