@@ -6,8 +6,10 @@ generated autograd Function: on a CPU with the kernels stubbed out (interpreter)
 host work a step at densenet121@512, most of it those layers, around ~0.13 ms of kernels on a
 GPU (BENCHMARKS.md). Here the same bodies (``*_impl``) run in one ``torch.autograd.Function``:
 the forward launches S, the maps and the terms; the backward the terms' gradient, the maps'
-and the GEMMs', with the gradients the caller gives the logits and maps added in. The kernels,
-their launches and their order are the ops' own, so the values are the same bit for bit.
+and the GEMMs', with the gradients the caller gives the logits and maps added in. The kernels
+and their order are the ops' own, so the values are the same bit for bit; the backward takes the
+forward's converted labels and mask and its pair weights q instead of making them again (one
+launch and one copy fewer).
 
 fastcam/triton/backend.py takes this path for eager calls on plain tensors; under
 ``torch.compile``, ``torch.func`` transforms or a dispatch mode (fake tensors among them) it
@@ -52,9 +54,10 @@ class _AttentionLoss(torch.autograd.Function):
         with _set_wrap_triton_enabled(False):
             s = scores_impl(features, weight)
             logits, cams = head_maps_impl(s, bias, normalize, temperature, eps)
+            kept = {}  # the labels and mask as the kernels take them, and the pair weights q
             terms = attention_terms_impl(logits, cams, labels, label_mask, measure, eps, predicted, grid_h, grid_w,
-                                         weights)  # fmt: skip
-        ctx.save_for_backward(features, weight, s, logits, cams, labels, label_mask)
+                                         weights, keep=kept)  # fmt: skip
+        ctx.save_for_backward(features, weight, s, logits, cams, labels, label_mask, kept["y"], kept["m"], kept["q"])
         ctx.head_options = (normalize, temperature, eps)
         ctx.terms_options = (measure, eps, predicted, grid_h, grid_w, weights)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -63,19 +66,20 @@ class _AttentionLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_terms, grad_logits, grad_cams):
-        features, weight, s, logits, cams, labels, label_mask = ctx.saved_tensors
+        features, weight, s, logits, cams, labels, label_mask, y, m, q = ctx.saved_tensors
         need_f, need_w, need_b = ctx.needs_input_grad[:3]
         rest = (None,) * 10
         if torch.is_grad_enabled():  # create_graph: the ops, whose backward refuses a double backward
             terms_bwd, maps_bwd, gemm_bwd = attention_terms_backward, head_maps_backward, scores_backward
-            launches = contextlib.nullcontext()
+            launches, kept = contextlib.nullcontext(), {}
         else:
             terms_bwd, maps_bwd, gemm_bwd = attention_terms_backward_impl, head_maps_backward_impl, scores_backward_impl
-            launches = _set_wrap_triton_enabled(False)
+            launches, kept = _set_wrap_triton_enabled(False), {"kept": dict(y=y, m=m, q=q)}
         with launches:
             gl, gc = grad_logits, grad_cams
             if grad_terms is not None:
-                gl_terms, gc_terms = terms_bwd(grad_terms, logits, cams, labels, label_mask, *ctx.terms_options)
+                gl_terms, gc_terms = terms_bwd(grad_terms, logits, cams, labels, label_mask, *ctx.terms_options,
+                                               **kept)  # fmt: skip
                 gl_terms = gl_terms.to(logits.dtype)
                 gl = gl_terms if gl is None else gl_terms + gl
                 gc = gc_terms if gc is None else gc_terms + gc

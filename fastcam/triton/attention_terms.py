@@ -246,8 +246,9 @@ def _map_blocks(maps: int, n: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(maps), MAP_BLOCK // block_n)), block_n
 
 
-def _prepare(logits, cams, labels, label_mask, weights):
-    """The inputs as the kernels take them, and the constexpr switches they share."""
+def _prepare(logits, cams, labels, label_mask, weights, kept=None):
+    """The inputs as the kernels take them, and the constexpr switches they share; the labels
+    and mask as a forward kept them (``kept``), if given."""
     if cams.dim() != 3 or cams.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"fastcam_triton::attention_terms: cams must be a float32 or float64 [B, C, N] tensor, "
                          f"got {cams.dtype} {list(cams.shape)}")  # fmt: skip
@@ -259,9 +260,12 @@ def _prepare(logits, cams, labels, label_mask, weights):
                          f"lambda_consist, lambda_coherence], got {len(weights)} values")  # fmt: skip
     c = cams.contiguous()
     x = logits.to(c.dtype).contiguous()
-    y = labels.to(c.dtype).contiguous() if labels is not None else c.new_empty(0)
     has_mask = labels is not None and label_mask is not None
-    m = label_mask.to(torch.uint8).contiguous() if has_mask else c.new_empty(0, dtype=torch.uint8)
+    if kept is not None:
+        y, m = kept["y"], kept["m"]
+    else:
+        y = labels.to(c.dtype).contiguous() if labels is not None else c.new_empty(0)
+        m = label_mask.to(torch.uint8).contiguous() if has_mask else c.new_empty(0, dtype=torch.uint8)
     flags = dict(HAS_Y=labels is not None, HAS_M=has_mask, DO_BCE=weights[0] != 0, DO_DISTINCT=weights[1] != 0,
                  DO_CONSIST=weights[2] != 0, DO_COHERENCE=weights[3] != 0,
                  ACC_F64=c.dtype == torch.float64)  # fmt: skip
@@ -284,12 +288,16 @@ def _class_weights(x, y, m, flags, predicted):
 
 def attention_terms_impl(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor | None,
                          label_mask: torch.Tensor | None, measure: str, eps: float, predicted: bool, grid_h: int,
-                         grid_w: int, weights: list[float]) -> torch.Tensor:  # fmt: skip
+                         grid_w: int, weights: list[float], keep: dict | None = None) -> torch.Tensor:  # fmt: skip
     """[loss, bce, distinct, consist, coherence] in the maps' dtype (float32 or float64): the body
-    of ``fastcam_triton::attention_terms`` (fastcam/triton/attention_loss.py calls it directly)."""
+    of ``fastcam_triton::attention_terms`` (fastcam/triton/attention_loss.py calls it directly,
+    with a ``keep`` dict that gets the converted labels and mask and the pair weights q, which
+    its backward then takes instead of making them again)."""
     c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights)
     B, C, N = c.shape
     q = _class_weights(x, y, m, flags, predicted)
+    if keep is not None:
+        keep.update(y=y, m=m, q=q)
     var = c.new_empty(B * C if flags["DO_COHERENCE"] else 0)
     if flags["DO_COHERENCE"] and B * C > 0:
         rows, block_n = _map_blocks(B * C, N)
@@ -319,11 +327,11 @@ def attention_terms(logits: torch.Tensor, cams: torch.Tensor, labels: torch.Tens
 
 def attention_terms_backward_impl(grad_terms: torch.Tensor, logits: torch.Tensor, cams: torch.Tensor,
                                   labels: torch.Tensor | None, label_mask: torch.Tensor | None, measure: str,
-                                  eps: float, predicted: bool, grid_h: int, grid_w: int,
-                                  weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                                  eps: float, predicted: bool, grid_h: int, grid_w: int, weights: list[float],
+                                  kept: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dL/dlogits [B, C], dL/dcams [B, C, N]), contiguous, in the maps' dtype: the body of
-    ``fastcam_triton::attention_terms_backward``."""
-    c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights)
+    ``fastcam_triton::attention_terms_backward``; ``kept``: what the forward's ``keep`` got."""
+    c, x, y, m, flags = _prepare(logits, cams, labels, label_mask, weights, kept)
     B, C, N = c.shape
     # The kernels below write every entry of what they produce; zeros only where nothing will.
     maps_terms = flags["DO_DISTINCT"] or flags["DO_CONSIST"] or flags["DO_COHERENCE"]
@@ -332,7 +340,7 @@ def attention_terms_backward_impl(grad_terms: torch.Tensor, logits: torch.Tensor
     if B * C == 0:
         return grad_logits, grad_cams
     gt = grad_terms.to(c.dtype).contiguous()
-    q = _class_weights(x, y, m, flags, predicted)
+    q = kept["q"] if kept is not None else _class_weights(x, y, m, flags, predicted)
     groups = dict(distinct=(B, C, C * N, N, (C, 1)), consist=(C, B, N, C * N, (1, C)))  # G, P, s_g, s_p, q strides
     coefficients = {name: launch_coefficients(c, G, P, N, s_g, s_p, measure, eps, q=q, q_strides=q_strides)
                     if flags[f"DO_{name.upper()}"] else (None, None, c.new_empty(0))
