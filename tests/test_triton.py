@@ -444,7 +444,7 @@ def test_bad_maps_are_refused_naming_them():
 
 
 def _ops_path(monkeypatch):
-    """backend="triton" through its three ops, as under torch.compile, instead of the one-node path."""
+    """backend="triton" through its three ops, as under torch.compile, instead of the eager path."""
     import fastcam.triton.backend as triton_backend
 
     monkeypatch.setattr(triton_backend, "eager_path_usable", lambda *tensors: False)
@@ -453,8 +453,8 @@ def _ops_path(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("uses", ["loss", "loss+outputs", "outputs"])
-def test_one_node_path_matches_the_ops_bit_for_bit(monkeypatch, layout, dtype, uses):
-    """Eager calls run the ops' bodies as one autograd node (fastcam/triton/attention_loss.py):
+def test_eager_path_matches_the_ops_bit_for_bit(monkeypatch, layout, dtype, uses):
+    """Eager calls run the ops' bodies as two autograd nodes (fastcam/triton/attention_loss.py):
     the same kernels in the same order, so the same bits as the three ops' path, with the
     caller's own gradients of the logits and maps added in or alone."""
     feats, weight, bias = make_head_inputs(layout, B=3, C=4, K=24, H=3, W=5, dtype=dtype, device=DEVICE, seed=81)
@@ -475,13 +475,13 @@ def test_one_node_path_matches_the_ops_bit_for_bit(monkeypatch, layout, dtype, u
     with monkeypatch.context() as m:
         _ops_path(m)
         ops_node, want = run()
-    assert node == "_AttentionLossBackward" and ops_node != node, (node, ops_node)
+    assert node == "_MapsAndTermsBackward" and ops_node != node, (node, ops_node)
     for name, g, w in zip(("loss", "distinct", "logits", "cams", "grad F", "grad W", "grad b"), got, want):
         assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride(), name
         assert torch.equal(g, w), name
 
 
-def test_one_node_path_partial_gradients_and_double_backward():
+def test_eager_path_partial_gradients_and_double_backward():
     """Only some inputs needing a gradient, the maps unused, and a double backward refused as on
     the ops' path."""
     feats, weight, bias = make_head_inputs("nchw", B=2, C=3, K=8, H=2, W=3, device=DEVICE, seed=83)

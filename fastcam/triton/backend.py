@@ -3,7 +3,7 @@ the head's GEMMs (fastcam/triton/cam_head.py), the per-map logits and normalizat
 (fastcam/triton/normalize.py), the pairwise overlaps (fastcam/triton/pairwise_overlap.py) and
 the loss terms with their gradients (fastcam/triton/attention_terms.py). What is left in PyTorch
 here is glue: views, casts and the conversion of the terms' ``[5]`` tensor to the output dict.
-An eager ``attention_loss`` runs the three ops' bodies as one autograd node
+An eager ``attention_loss`` runs the three ops' bodies as two autograd nodes
 (fastcam/triton/attention_loss.py); traced calls (``torch.compile``) go through the ops.
 Same validated arguments as the reference's functions.
 """
