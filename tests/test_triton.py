@@ -500,3 +500,27 @@ def test_eager_path_partial_gradients_and_double_backward():
     (g,) = torch.autograd.grad(out.loss, f, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+def test_eager_path_only_for_plain_eager_calls():
+    """The eager path's kernels read data pointers: plain tensors and parameters take it; a dispatch
+    mode (fake tensors among them), a torch.func transform or a tensor subclass keep the ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcam.triton.attention_loss import eager_path_usable
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    t, p = torch.ones(2), torch.nn.Parameter(torch.ones(2))
+    assert eager_path_usable(t, p, None)
+    assert not eager_path_usable(t, t.as_subclass(Subclass))
+    with Passthrough():
+        assert not eager_path_usable(t)
+    seen = []
+    torch.func.vmap(lambda x: seen.append(eager_path_usable(x)) or x)(torch.ones(3, 2))
+    assert seen == [False]

@@ -39,11 +39,17 @@ except ImportError:  # pragma: no cover - an older torch: the HOP path, slower, 
         return contextlib.nullcontext()
 
 
+# Private torch functions that tell whether a torch.func transform or a dispatch mode is active;
+# a torch without them keeps the ops' path.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
 def eager_path_usable(*tensors: torch.Tensor | None) -> bool:
     """Whether this call can take the eager path: eager, plain tensors, nothing tracing."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or _functorch_active is None or _dispatch_modes is None:
         return False
-    if torch._C._len_torch_dispatch_stack() > 0:
+    if _functorch_active() or _dispatch_modes() > 0:
         return False
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
