@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import triton
 import triton.language as tl
 
 
+@functools.lru_cache(maxsize=256)  # the same few values (eps, temperature, the weights) every step
 def split_float(value: float) -> tuple[float, float]:
     """``value`` as ``(hi, lo)``, two float32 numbers whose sum is ``value`` to about 2^-48 relative.
 
